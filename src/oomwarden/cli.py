@@ -1,0 +1,181 @@
+"""The ``oomwarden`` command line.
+
+User-facing failures print one line on stderr (``oomwarden: error: ...``)
+and exit with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from oomwarden import __version__
+from oomwarden.decision import Candidate, Decision
+from oomwarden.domains import resolve_cgroup
+from oomwarden.errors import OomwardenError
+from oomwarden.model import Snapshot
+from oomwarden.policy import load_policy
+from oomwarden.policy.engine import cgroup_domain, system_domain
+from oomwarden.sources.procfs import ReadOptions, with_details
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.units import fmt_bytes
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"oomwarden: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="oomwarden",
+        description="A programmable out-of-memory killer for Linux.",
+    )
+    parser.add_argument("--version", action="version", version=f"oomwarden {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ex = sub.add_parser(
+        "explain",
+        help="rank the tasks of a domain now, with the reasons for every score",
+        description="Rank the tasks of an OOM domain (the system, or one memory cgroup) "
+        "as the policy would if memory ran out now.",
+    )
+    ex.add_argument("--cgroup", metavar="PATH",
+                    help="a memory cgroup: a path inside a hierarchy (/a/b, v1:/a/b, v2:/a/b) "
+                    "or a filesystem path (/sys/fs/cgroup/memory/a/b); default: the system")
+    ex.add_argument("--policy", default="kernel", metavar="SPEC",
+                    help="policy SPEC (built-in name); default: kernel")
+    ex.add_argument("--top", type=_positive, default=10, metavar="N",
+                    help="show the N best candidates (default 10)")
+    ex.add_argument("--all", action="store_true",
+                    help="show every task of the domain, unkillable ones included")
+    ex.add_argument("--json", action="store_true", help="print one JSON object")
+    ex.add_argument("--proc-root", default="/proc", metavar="DIR",
+                    help="read processes from DIR instead of /proc (recorded trees)")
+    ex.add_argument("--fs-root", default="/", metavar="DIR",
+                    help="take cgroup mount points from mountinfo below DIR (recorded trees)")
+    ex.add_argument("--no-verify-fs", action="store_true",
+                    help="do not statfs-check cgroup mounts (recorded trees only)")
+    return parser
+
+
+def _take_snapshot(args: argparse.Namespace) -> Snapshot:
+    return build_snapshot(
+        SourceConfig(
+            proc_root=args.proc_root,
+            fs_root=args.fs_root,
+            verify_fs=not args.no_verify_fs,
+            read=ReadOptions(oom_score=True),
+        )
+    )
+
+
+def _with_details(decision: Decision, proc_root: str, shown: Sequence[Candidate]) -> Decision:
+    """Read exe and cmdline for the candidates that are shown, only."""
+    wanted = {c.task.identity for c in shown}
+    if decision.victim is not None:
+        wanted.add(decision.victim.task.identity)
+    cands = tuple(
+        replace(c, task=with_details(proc_root, c.task)) if c.task.identity in wanted else c
+        for c in decision.candidates
+    )
+    victim = decision.victim
+    if victim is not None:
+        victim = next((c for c in cands if c.task.identity == victim.task.identity), victim)
+    return replace(decision, candidates=cands, victim=victim)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    snapshot = _take_snapshot(args)
+    if args.cgroup:
+        domain = cgroup_domain(snapshot, resolve_cgroup(snapshot, args.cgroup))
+    else:
+        domain = system_domain(snapshot)
+    decision = policy(snapshot, domain)
+    shown = decision.candidates if args.all else decision.selectable[: args.top]
+    decision = _with_details(decision, args.proc_root, shown)
+    if args.json:
+        json.dump(decision.to_json(top=args.top, all_tasks=args.all), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    _print_table(decision, snapshot, all_tasks=args.all, top=args.top)
+    return 0
+
+
+def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top: int) -> None:
+    console = Console()
+    shown = decision.candidates if all_tasks else decision.selectable[:top]
+    d = decision.domain
+    size = fmt_bytes(d.totalpages * snapshot.system.page_size)
+    title = (
+        f"domain {d.name} ({size}, {d.totalpages} pages), policy {decision.policy}: "
+        f"{len(decision.selectable)} killable of {len(decision.candidates)} tasks"
+    )
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("pid", "right"), ("comm", "left"), ("cgroup", "left"), ("rss", "right"),
+        ("swap", "right"), ("adj", "right"), ("points", "right"), ("score", "right"),
+        ("reasons", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for c in shown:
+        t = c.task
+        victim = decision.victim is not None and c.task.identity == decision.victim.task.identity
+        table.add_row(
+            str(t.pid),
+            t.comm,
+            c.cgroup_path() or "?",
+            fmt_bytes(t.rss_bytes),
+            fmt_bytes(t.swap_bytes),
+            "?" if t.oom_score_adj is None else str(t.oom_score_adj),
+            "-" if c.points is None else str(c.points),
+            "-" if c.oom_score is None else str(c.oom_score),
+            "; ".join(c.reasons),
+            style="bold red" if victim else None,
+        )
+    console.print(table)
+    if decision.victim is None:
+        console.print("victim: none (no killable task in the domain)")
+    else:
+        v = decision.victim.task
+        console.print(f"victim: pid {v.pid} ({v.comm}), {decision.victim.points} points")
+    for note in decision.notes:
+        console.print(f"note: {note}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "explain":
+            return cmd_explain(args)
+    except OomwardenError as e:
+        sys.stderr.write(f"oomwarden: error: {e}\n")
+        return EXIT_USAGE
+    except BrokenPipeError:
+        return 0
+    parser.error(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Domains and decisions: what ``explain`` prints and the decision log stores.
+
+A :class:`Decision` is the one object shared by ``oomwarden explain`` and the
+daemon's decision log: the domain, its size, the policy, the ranked candidates
+with the reasons for each score, the victim, and ``fallback`` (null, or why
+the kernel policy decided instead of the configured one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
+
+Verdict = Literal["select", "ignore", "unkillable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """Where memory runs out: the whole system, or one memory cgroup subtree."""
+
+    kind: Literal["system", "cgroup"]
+    totalpages: int
+    cgroup: Cgroup | None = None
+
+    @property
+    def name(self) -> str:
+        if self.cgroup is None:
+            return "system"
+        return f"cgroup:{self.cgroup.path}"
+
+    def contains(self, task: Task) -> bool:
+        cg = self.cgroup
+        if cg is None:
+            return True
+        path = task.memcg_v1 if cg.kind is HierarchyKind.V1 else task.cgroup_v2
+        if path is None:
+            return False
+        return path == cg.path or cg.path == "/" or path.startswith(cg.path + "/")
+
+    def tasks(self, snapshot: Snapshot) -> list[Task]:
+        return [t for t in snapshot.tasks if self.contains(t)]
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One task as a policy saw it."""
+
+    task: Task
+    verdict: Verdict
+    points: int | None
+    reasons: tuple[str, ...]
+    #: Kernel-scale score ``(1000 + points*1000/totalpages)*2/3`` (kernel policy).
+    oom_score: int | None = None
+
+    def cgroup_path(self) -> str | None:
+        return self.task.memcg_v1 if self.task.memcg_v1 is not None else self.task.cgroup_v2
+
+    def to_json(self) -> dict[str, Any]:
+        t = self.task
+        out: dict[str, Any] = {
+            "pid": t.pid,
+            "start_ticks": t.start_ticks,
+            "comm": t.comm,
+            "state": t.state,
+            "uid": t.uid,
+            "cgroup": self.cgroup_path(),
+            "memcg_v1": t.memcg_v1,
+            "cgroup_v2": t.cgroup_v2,
+            "rss_bytes": t.rss_bytes,
+            "rss_anon_bytes": None if t.rss_anon is None else t.rss_anon * t.page_size,
+            "rss_file_bytes": None if t.rss_file is None else t.rss_file * t.page_size,
+            "rss_shmem_bytes": None if t.rss_shmem is None else t.rss_shmem * t.page_size,
+            "swap_bytes": t.swap_bytes,
+            "pgtables_bytes": None if t.pgtables is None else t.pgtables * t.page_size,
+            "oom_score_adj": t.oom_score_adj,
+            "points": self.points,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+        }
+        if self.oom_score is not None:
+            out["oom_score"] = self.oom_score
+        if t.kernel_oom_score is not None:
+            out["kernel_oom_score"] = t.kernel_oom_score
+        if t.exe is not None:
+            out["exe"] = t.exe
+        if t.cmdline is not None:
+            out["cmdline"] = list(t.cmdline)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A ranked choice for one domain at one snapshot."""
+
+    domain: Domain
+    policy: str
+    #: Killable candidates first, best first; then ignored and unkillable tasks.
+    candidates: tuple[Candidate, ...]
+    victim: Candidate | None
+    fallback: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def selectable(self) -> tuple[Candidate, ...]:
+        return tuple(c for c in self.candidates if c.verdict == "select")
+
+    def to_json(self, top: int | None = 10, all_tasks: bool = False) -> dict[str, Any]:
+        shown = self.candidates if all_tasks else self.selectable[: top if top else None]
+        cg = self.domain.cgroup
+        return {
+            "domain": self.domain.name,
+            "hierarchy": None if cg is None else cg.kind.value,
+            "totalpages": self.domain.totalpages,
+            "policy": self.policy,
+            "victim": None if self.victim is None else self.victim.to_json(),
+            "candidates": [c.to_json() for c in shown],
+            "considered": len(self.candidates),
+            "selectable": len(self.selectable),
+            "fallback": self.fallback,
+            "notes": list(self.notes),
+        }

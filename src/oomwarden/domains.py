@@ -1,0 +1,54 @@
+"""Turning a user's ``--cgroup`` argument into a cgroup of the snapshot."""
+
+from __future__ import annotations
+
+import os
+
+from oomwarden.errors import CgroupNotFound
+from oomwarden.model import Cgroup, HierarchyKind, Snapshot
+
+
+def _normalise(path: str) -> str:
+    norm = os.path.normpath("/" + path.strip("/"))
+    return "/" if norm in ("/", "//") else norm
+
+
+def resolve_cgroup(snapshot: Snapshot, spec: str) -> Cgroup:
+    """Find a cgroup by hierarchy path or by filesystem path.
+
+    Accepted: ``/a/b`` (a path inside a hierarchy; the memory hierarchy is
+    preferred), ``v1:/a/b`` or ``v2:/a/b`` (one hierarchy), ``cgroup:/a/b``
+    (as in the config), or a filesystem path below a hierarchy's mount point
+    (``/sys/fs/cgroup/memory/a/b``).
+    """
+    text = spec.strip()
+    if not text:
+        raise CgroupNotFound("empty cgroup path")
+    kinds: tuple[HierarchyKind, ...] = (HierarchyKind.V1, HierarchyKind.V2)
+    for prefix, only in (("v1:", HierarchyKind.V1), ("v2:", HierarchyKind.V2)):
+        if text.startswith(prefix):
+            kinds, text = (only,), text[len(prefix):]
+    text = text.removeprefix("cgroup:")
+    # A filesystem path below a mount point?
+    real = os.path.realpath(text) if os.path.isabs(text) else text
+    for h in snapshot.hierarchies:
+        mount = h.mount_point.rstrip("/")
+        for candidate in (text, real):
+            if candidate == mount or candidate.startswith(mount + "/"):
+                rel = candidate[len(mount):]
+                inner = _normalise(h.root.rstrip("/") + "/" + rel.lstrip("/"))
+                cg = snapshot.cgroup(h.kind, inner)
+                if cg is not None and h.kind in kinds:
+                    return cg
+                raise CgroupNotFound(f"no cgroup at {spec} (looked for {h.kind.value}:{inner})")
+    inner = _normalise(text)
+    found = [c for k in kinds if (c := snapshot.cgroup(k, inner)) is not None]
+    with_memory = [c for c in found if c.memory_controller]
+    if with_memory:
+        return with_memory[0]
+    if found:
+        return found[0]
+    known = ", ".join(f"{h.kind.value} at {h.mount_point}" for h in snapshot.hierarchies)
+    raise CgroupNotFound(
+        f"no cgroup {inner} on any hierarchy ({known or 'no cgroup hierarchy mounted'})"
+    )

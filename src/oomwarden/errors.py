@@ -1,0 +1,43 @@
+"""The one error hierarchy of oomwarden.
+
+Every failure that reaches a user is an :class:`OomwardenError`; the CLI prints
+its message as one line on stderr and exits with status 2. Lower-level
+``OSError``/``ValueError`` are translated into these classes at the I/O
+boundary, in one place per source, so that callers only ever catch this tree::
+
+    OomwardenError
+    ├── ParseError          text from /proc or cgroupfs is not what the kernel writes
+    ├── SourceError         a root (proc, cgroup) cannot be read or is not what it claims
+    │   └── TaskGone        a process vanished while it was being read (normal, skipped)
+    ├── CgroupNotFound      --cgroup names no memory cgroup on any hierarchy
+    └── PolicyError         an unknown policy name or a policy that cannot be loaded
+
+Messages carry the values and the places involved, e.g.
+``MemAvailable (X) cannot exceed MemTotal (Y)``.
+"""
+
+from __future__ import annotations
+
+
+class OomwardenError(Exception):
+    """Base of every error oomwarden raises on purpose."""
+
+
+class ParseError(OomwardenError, ValueError):
+    """Kernel-provided text did not parse; the message names the file or field."""
+
+
+class SourceError(OomwardenError):
+    """A snapshot source could not be read (missing root, permission, wrong fs type)."""
+
+
+class TaskGone(SourceError):
+    """A process exited (or its PID went away) while it was being read."""
+
+
+class CgroupNotFound(OomwardenError):
+    """A cgroup path given by the user names no cgroup that oomwarden can see."""
+
+
+class PolicyError(OomwardenError):
+    """A policy SPEC is unknown or cannot be loaded."""

@@ -1,0 +1,107 @@
+"""Ranking the tasks of a domain with the kernel's policy.
+
+Pure: reads a :class:`Snapshot` and a :class:`Domain`, returns a
+:class:`Decision`. No files, no clock.
+"""
+
+from __future__ import annotations
+
+from oomwarden.decision import Candidate, Decision, Domain
+from oomwarden.errors import CgroupNotFound
+from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
+from oomwarden.policy.kernel import (
+    badness,
+    memcg_totalpages,
+    oom_score,
+    unkillable_reason,
+)
+from oomwarden.units import fmt_bytes
+
+
+def system_domain(snapshot: Snapshot) -> Domain:
+    return Domain(kind="system", totalpages=snapshot.system.totalpages)
+
+
+def cgroup_domain(snapshot: Snapshot, cg: Cgroup) -> Domain:
+    """The memcg OOM domain of ``cg``; the root memcg's OOM is the system's."""
+    if cg.path == "/" and cg.kind is HierarchyKind.V1:
+        return system_domain(snapshot)
+    if not cg.memory_controller:
+        raise CgroupNotFound(
+            f"cgroup {cg.kind.value}:{cg.path} has no memory controller, so it is no OOM "
+            "domain (on this layout the memory controller is on the other hierarchy)"
+        )
+    return Domain(kind="cgroup", totalpages=memcg_totalpages(cg, snapshot.system), cgroup=cg)
+
+
+def _cgroup_order(snapshot: Snapshot, domain: Domain) -> dict[str, int]:
+    kind = domain.cgroup.kind if domain.cgroup is not None else None
+    return {c.path: i for i, c in enumerate(snapshot.cgroups) if c.kind is kind}
+
+
+def _task_cgroup(task: Task, domain: Domain) -> str | None:
+    cg = domain.cgroup
+    if cg is None:
+        return None
+    return task.memcg_v1 if cg.kind is HierarchyKind.V1 else task.cgroup_v2
+
+
+def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
+    """``select_bad_process()`` over the domain's tasks, with reasons."""
+    total = domain.totalpages
+    order = _cgroup_order(snapshot, domain) if domain.cgroup is not None else None
+    ranked: list[tuple[int, tuple[int, int, int], Candidate]] = []
+    excluded: list[Candidate] = []
+    for task in domain.tasks(snapshot):
+        b = badness(task, total)
+        if b is None:
+            why = unkillable_reason(task) or "unkillable"
+            excluded.append(Candidate(task, "unkillable", None, (why,), oom_score(None, total)))
+            continue
+        psize = task.page_size
+        share = 100.0 * b.points / total
+        reasons = [
+            f"rss {fmt_bytes(b.rss * psize)} + swap {fmt_bytes(b.swap * psize)} + "
+            f"page tables {fmt_bytes(b.pgtables * psize)} = {b.rss + b.swap + b.pgtables} pages",
+        ]
+        if b.adj:
+            reasons.append(
+                f"oom_score_adj {b.adj:+d} x {total // 1000} pages = {b.adj_pages:+d} pages"
+            )
+        reasons.append(f"{b.points} points of {total} ({share:.1f}% of the domain)")
+        group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
+        key = (group, task.start_ticks, task.pid)
+        ranked.append(
+            (b.points, key, Candidate(task, "select", b.points, tuple(reasons),
+                                      oom_score(b.points, total)))
+        )
+    # Most points first; among equal points the one the kernel meets last wins.
+    ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    candidates = [r[2] for r in ranked]
+    victim: Candidate | None = None
+    if candidates:
+        top = candidates[0]
+        note = "most points in the domain: the kernel's choice"
+        ties = [c for c in candidates[1:] if c.points == top.points]
+        if ties:
+            note += (
+                f" (ties with pid {', '.join(str(c.task.pid) for c in ties[:5])}; "
+                "the kernel keeps the one it meets last)"
+            )
+        victim = Candidate(top.task, top.verdict, top.points, (*top.reasons, note), top.oom_score)
+        candidates[0] = victim
+    excluded.sort(key=lambda c: c.task.pid)
+    notes: list[str] = []
+    cg = domain.cgroup
+    if cg is not None and not cg.verified:
+        notes.append(
+            f"the limit of {cg.fs_path} is unverified: its filesystem is not a cgroup "
+            "filesystem, so it may limit nothing"
+        )
+    return Decision(
+        domain=domain,
+        policy="kernel",
+        candidates=(*candidates, *excluded),
+        victim=victim,
+        notes=tuple(notes),
+    )

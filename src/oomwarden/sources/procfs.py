@@ -1,0 +1,327 @@
+"""Reading processes and system memory from a proc root.
+
+Thin I/O around :mod:`oomwarden.sources.parse`. The hot path reads three small
+files per process (``stat``, ``status``, ``oom_score_adj``) through a
+directory fd of ``/proc/PID``: every read then comes from the same process,
+and a PID that dies mid-read gives ENOENT/ESRCH, which is mapped to
+:class:`TaskGone` and the process is skipped. ``oom_score``, ``exe``,
+``cmdline`` and ``cgroup`` are read only when asked for.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from oomwarden.errors import ParseError, SourceError, TaskGone
+from oomwarden.model import SystemMemory, Task
+from oomwarden.sources.parse import (
+    parse_meminfo,
+    parse_proc_cgroup,
+    parse_psi,
+    parse_single_int,
+    parse_stat,
+    parse_status,
+)
+
+_GONE = (errno.ENOENT, errno.ESRCH)
+_DENIED = (errno.EACCES, errno.EPERM)
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_CHUNK = 16384
+
+
+def read_at(dirfd: int, name: str) -> bytes:
+    """Read a whole (small) file relative to ``dirfd``."""
+    fd = os.open(name, _OPEN_FLAGS, dir_fd=dirfd)
+    try:
+        data = os.read(fd, _CHUNK)
+        if len(data) < _CHUNK:
+            return data
+        parts = [data]
+        while chunk := os.read(fd, _CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> bytes:
+    """Read a whole file by path (not on the per-task hot path)."""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    """What to read per task beyond the hot-path minimum."""
+
+    #: The kernel's /proc/PID/oom_score (one more read per task).
+    oom_score: bool = False
+    #: exe and cmdline (two more reads per task).
+    details: bool = False
+
+
+@dataclass
+class CgroupMap:
+    """pid -> cgroup paths from the cgroups' ``cgroup.procs``.
+
+    A process missing from a hierarchy's map (born after the walk, or moved)
+    is looked up in its own ``/proc/PID/cgroup``, through the same pid fd.
+    """
+
+    v1: dict[int, str] | None
+    v2: dict[int, str] | None
+    proc_root: str = "/proc"
+
+    def lookup(self, pid: int) -> tuple[str | None, str | None]:
+        m1 = self.v1.get(pid) if self.v1 is not None else None
+        m2 = self.v2.get(pid) if self.v2 is not None else None
+        if (self.v1 is not None and m1 is None) or (self.v2 is not None and m2 is None):
+            f1, f2 = read_cgroup_of(self.proc_root, pid)
+            if self.v1 is not None and m1 is None:
+                m1 = f1
+            if self.v2 is not None and m2 is None:
+                m2 = f2
+        return m1, m2
+
+
+@dataclass
+class ReadStats:
+    """What a task scan skipped, for "considered N" style reporting."""
+
+    gone: int = 0
+    unreadable: int = 0
+
+
+def _open_proc(proc_root: str) -> int:
+    try:
+        return os.open(proc_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SourceError(f"cannot open proc root {proc_root}: {e.strerror}") from None
+
+
+def _leader_mm_status(pid_fd: int) -> bytes | None:
+    """Status of a live thread, for a process whose leader has exited.
+
+    The kernel's ``find_lock_task_mm`` looks through the threads for one that
+    still has the mm; /proc/PID/status of a dead leader shows no memory lines.
+    """
+    try:
+        task_dir = os.open("task", _OPEN_FLAGS | os.O_DIRECTORY, dir_fd=pid_fd)
+    except OSError:
+        return None
+    try:
+        names = os.listdir(task_dir)
+    except OSError:
+        return None
+    finally:
+        os.close(task_dir)
+    for name in names:
+        try:
+            task_fd = os.open(f"task/{name}", _OPEN_FLAGS | os.O_DIRECTORY, dir_fd=pid_fd)
+        except OSError:
+            continue
+        try:
+            data = read_at(task_fd, "status")
+        except OSError:
+            continue
+        finally:
+            os.close(task_fd)
+        if b"\nVmRSS:" in data:
+            return data
+    return None
+
+
+def read_task(
+    proc_fd: int,
+    name: str,
+    psize: int,
+    options: ReadOptions,
+    cgroup_map: CgroupMap | None = None,
+) -> Task:
+    """Read one process ``name`` (its PID as text) below the open proc root.
+
+    Raises :class:`TaskGone` when it vanished, :class:`SourceError` when it
+    cannot be read, :class:`ParseError` when the kernel's text is malformed.
+    """
+    try:
+        pid_fd = os.open(name, _OPEN_FLAGS | os.O_DIRECTORY, dir_fd=proc_fd)
+    except OSError as e:
+        if e.errno in _GONE:
+            raise TaskGone(f"process {name} exited") from None
+        raise SourceError(f"cannot open /proc/{name}: {e.strerror}") from None
+    try:
+        try:
+            stat = parse_stat(read_at(pid_fd, "stat"))
+            status_data = read_at(pid_fd, "status")
+            adj = parse_single_int(read_at(pid_fd, "oom_score_adj"), "oom_score_adj")
+        except OSError as e:
+            if e.errno in _GONE:
+                raise TaskGone(f"process {name} exited") from None
+            raise SourceError(f"cannot read /proc/{name}: {e.strerror}") from None
+        status = parse_status(status_data)
+        if not status.has_mm and stat.state == "Z" and stat.num_threads > 1:
+            alive = _leader_mm_status(pid_fd)
+            if alive is not None:
+                status = parse_status(alive)
+        kernel_score: int | None = None
+        exe: str | None = None
+        cmdline: tuple[str, ...] | None = None
+        if options.oom_score:
+            try:
+                kernel_score = parse_single_int(read_at(pid_fd, "oom_score"), "oom_score")
+            except OSError as e:
+                if e.errno in _GONE:
+                    raise TaskGone(f"process {name} exited") from None
+        if options.details:
+            exe, cmdline = _read_details(pid_fd)
+    finally:
+        os.close(pid_fd)
+    memcg_v1, cgroup_v2 = cgroup_map.lookup(stat.pid) if cgroup_map else (None, None)
+    kthread = stat.kthread or bool(status.kthread)
+    has_mm = status.has_mm and not kthread
+    kb_per_page = psize // 1024
+
+    def pages(kb: int | None) -> int | None:
+        if not has_mm:
+            return None
+        return None if kb is None else kb // kb_per_page
+
+    return Task(
+        pid=stat.pid,
+        tgid=status.tgid if status.tgid is not None else stat.pid,
+        ppid=stat.ppid,
+        comm=stat.comm.decode("utf-8", "backslashreplace"),
+        state=stat.state,
+        start_ticks=stat.start_ticks,
+        uid=status.uid,
+        kthread=kthread,
+        has_mm=has_mm,
+        rss_anon=pages(status.rss_anon_kb),
+        rss_file=pages(status.rss_file_kb),
+        rss_shmem=pages(status.rss_shmem_kb),
+        swap=pages(status.swap_kb),
+        pgtables=pages(status.pte_kb),
+        oom_score_adj=adj,
+        memcg_v1=memcg_v1,
+        cgroup_v2=cgroup_v2,
+        kernel_oom_score=kernel_score,
+        exe=exe,
+        cmdline=cmdline,
+        page_size=psize,
+    )
+
+
+def _read_details(pid_fd: int) -> tuple[str | None, tuple[str, ...] | None]:
+    exe: str | None = None
+    cmdline: tuple[str, ...] | None = None
+    try:
+        exe = os.readlink("exe", dir_fd=pid_fd)
+    except OSError:
+        exe = None  # kernel threads, zombies, permission: unknown
+    try:
+        raw = read_at(pid_fd, "cmdline")
+        cmdline = tuple(
+            a.decode("utf-8", "backslashreplace") for a in raw.rstrip(b"\0").split(b"\0")
+        ) if raw else ()
+    except OSError:
+        cmdline = None
+    return exe, cmdline
+
+
+def iter_pids(proc_fd: int) -> Iterator[str]:
+    for name in os.listdir(proc_fd):
+        if name.isdigit():
+            yield name
+
+
+def read_tasks(
+    proc_root: str = "/proc",
+    *,
+    psize: int | None = None,
+    options: ReadOptions = ReadOptions(),
+    stats: ReadStats | None = None,
+    cgroup_map: CgroupMap | None = None,
+) -> list[Task]:
+    """Every process below ``proc_root``; vanished or unreadable ones skipped."""
+    psize = psize or page_size()
+    stats = stats if stats is not None else ReadStats()
+    proc_fd = _open_proc(proc_root)
+    tasks: list[Task] = []
+    try:
+        for name in iter_pids(proc_fd):
+            try:
+                tasks.append(read_task(proc_fd, name, psize, options, cgroup_map))
+            except TaskGone:
+                stats.gone += 1
+            except SourceError:
+                stats.unreadable += 1
+            except ParseError as e:
+                raise ParseError(f"{proc_root}/{name}: {e}") from None
+    finally:
+        os.close(proc_fd)
+    return tasks
+
+
+def with_details(proc_root: str, task: Task) -> Task:
+    """The same task with exe and cmdline read (None where they can't be)."""
+    try:
+        pid_fd = os.open(f"{proc_root}/{task.pid}", _OPEN_FLAGS | os.O_DIRECTORY)
+    except OSError:
+        return task
+    try:
+        stat = parse_stat(read_at(pid_fd, "stat"))
+        if stat.start_ticks != task.start_ticks:
+            return task  # the PID now names another process
+        exe, cmdline = _read_details(pid_fd)
+    except (OSError, ParseError):
+        return task
+    finally:
+        os.close(pid_fd)
+    return replace(task, exe=exe, cmdline=cmdline)
+
+
+def read_cgroup_of(proc_root: str, pid: int) -> tuple[str | None, str | None]:
+    """(v1 memory path, v2 path) of one process from /proc/PID/cgroup."""
+    try:
+        return parse_proc_cgroup(read_file(f"{proc_root}/{pid}/cgroup"))
+    except OSError:
+        return None, None
+
+
+def read_system(proc_root: str = "/proc", *, psize: int | None = None) -> SystemMemory:
+    """MemTotal, MemAvailable, SwapTotal, SwapFree and memory PSI."""
+    psize = psize or page_size()
+    try:
+        info = parse_meminfo(read_file(f"{proc_root}/meminfo"))
+    except OSError as e:
+        raise SourceError(f"cannot read {proc_root}/meminfo: {e.strerror}") from None
+    except ParseError as e:
+        raise ParseError(f"{proc_root}/meminfo: {e}") from None
+    pressure = None
+    try:
+        pressure = parse_psi(read_file(f"{proc_root}/pressure/memory"), "pressure/memory")
+    except OSError:
+        pressure = None  # PSI off (psi=0 gives EOPNOTSUPP) or not built: unknown
+    return SystemMemory(
+        mem_total=info.mem_total,
+        mem_available=info.mem_available,
+        swap_total=info.swap_total,
+        swap_free=info.swap_free,
+        pressure=pressure,
+        page_size=psize,
+        swappiness=_read_swappiness(proc_root),
+    )
+
+
+def _read_swappiness(proc_root: str) -> int | None:
+    try:
+        return parse_single_int(read_file(f"{proc_root}/sys/vm/swappiness"), "vm.swappiness")
+    except (OSError, ParseError):
+        return None

@@ -1,0 +1,94 @@
+"""Build a :class:`Snapshot` from a proc root and a filesystem root.
+
+The pid -> cgroup map comes from each cgroup's ``cgroup.procs`` (one read per
+cgroup) instead of one ``/proc/PID/cgroup`` read per process; only processes
+that appeared after the cgroup walk fall back to their own cgroup file.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
+from oomwarden.sources.cgroupfs import find_hierarchies, walk_hierarchy
+from oomwarden.sources.procfs import (
+    CgroupMap,
+    ReadOptions,
+    ReadStats,
+    page_size,
+    read_system,
+    read_tasks,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """Where and what to read. The defaults read the live machine."""
+
+    proc_root: str = "/proc"
+    #: Mount points from mountinfo are taken below this root.
+    fs_root: str = "/"
+    #: statfs-check every hierarchy (turn off only for recorded trees).
+    verify_fs: bool = True
+    read: ReadOptions = ReadOptions()
+    cgroups: bool = True
+    page_size: int | None = None
+
+
+def build_snapshot(
+    config: SourceConfig = SourceConfig(),
+    *,
+    clock: Callable[[], int] = time.monotonic_ns,
+) -> Snapshot:
+    """Read everything once. Raises :class:`SourceError` for an unreadable root."""
+    started = clock()
+    t0 = time.perf_counter()
+    psize = config.page_size or page_size()
+    hierarchies: tuple[Hierarchy, ...] = ()
+    cgroups: list[Cgroup] = []
+    if config.cgroups:
+        hierarchies = find_hierarchies(
+            config.proc_root, config.fs_root, verify=config.verify_fs
+        )
+        for h in hierarchies:
+            cgroups.extend(walk_hierarchy(h, psize=psize))
+    system = read_system(config.proc_root, psize=psize)
+    stats = ReadStats()
+    tasks = read_tasks(
+        config.proc_root,
+        psize=psize,
+        options=config.read,
+        stats=stats,
+        cgroup_map=cgroup_map(cgroups, hierarchies, config.proc_root),
+    )
+    return Snapshot(
+        taken_ns=started,
+        system=system,
+        tasks=tuple(tasks),
+        hierarchies=hierarchies,
+        cgroups=tuple(cgroups),
+        build_seconds=time.perf_counter() - t0,
+        skipped_gone=stats.gone,
+        skipped_unreadable=stats.unreadable,
+    )
+
+
+def cgroup_map(
+    cgroups: list[Cgroup], hierarchies: tuple[Hierarchy, ...], proc_root: str
+) -> CgroupMap:
+    """The pid -> path maps of the hierarchies that are mounted."""
+    v1: dict[int, str] | None = None
+    v2: dict[int, str] | None = None
+    if any(h.kind is HierarchyKind.V1 for h in hierarchies):
+        v1 = {}
+    if any(h.kind is HierarchyKind.V2 for h in hierarchies):
+        v2 = {}
+    for cg in cgroups:
+        target = v1 if cg.kind is HierarchyKind.V1 else v2
+        if target is None:
+            continue
+        for pid in cg.pids:
+            target[pid] = cg.path
+    return CgroupMap(v1=v1, v2=v2, proc_root=proc_root)
