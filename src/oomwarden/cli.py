@@ -122,43 +122,55 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _short_path(path: str | None, width: int = 28) -> str:
+    if path is None:
+        return "?"
+    return path if len(path) <= width else "…" + path[-(width - 1):]
+
+
 def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top: int) -> None:
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # a pipe or a file: don't squeeze to 80 columns
     shown = decision.candidates if all_tasks else decision.selectable[:top]
     d = decision.domain
     size = fmt_bytes(d.totalpages * snapshot.system.page_size)
     title = (
-        f"domain {d.name} ({size}, {d.totalpages} pages), policy {decision.policy}: "
+        f"domain {d.name} ({size} = {d.totalpages} pages), policy {decision.policy}: "
         f"{len(decision.selectable)} killable of {len(decision.candidates)} tasks"
     )
     table = Table(title=title, title_justify="left")
-    for name, justify in (
-        ("pid", "right"), ("comm", "left"), ("cgroup", "left"), ("rss", "right"),
-        ("swap", "right"), ("adj", "right"), ("points", "right"), ("score", "right"),
-        ("reasons", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("pid", justify="right", no_wrap=True, min_width=7)
+    table.add_column("comm", no_wrap=True, max_width=16, overflow="ellipsis")
+    table.add_column("cgroup", no_wrap=True, max_width=28, overflow="ellipsis")
+    for name, width in (("rss", 10), ("swap", 8), ("adj", 5), ("points", 8), ("score", 5)):
+        table.add_column(name, justify="right", no_wrap=True, min_width=width)
+    if all_tasks:
+        table.add_column("why not", overflow="fold")
+    victim_id = decision.victim.task.identity if decision.victim is not None else None
     for c in shown:
         t = c.task
-        victim = decision.victim is not None and c.task.identity == decision.victim.task.identity
-        table.add_row(
+        cells = [
             str(t.pid),
-            t.comm,
-            c.cgroup_path() or "?",
+            t.comm[:16],
+            _short_path(c.cgroup_path()),
             fmt_bytes(t.rss_bytes),
             fmt_bytes(t.swap_bytes),
             "?" if t.oom_score_adj is None else str(t.oom_score_adj),
             "-" if c.points is None else str(c.points),
             "-" if c.oom_score is None else str(c.oom_score),
-            "; ".join(c.reasons),
-            style="bold red" if victim else None,
-        )
+        ]
+        if all_tasks:
+            cells.append("" if c.verdict == "select" else "; ".join(c.reasons))
+        table.add_row(*cells, style="bold red" if t.identity == victim_id else None)
     console.print(table)
     if decision.victim is None:
         console.print("victim: none (no killable task in the domain)")
     else:
-        v = decision.victim.task
-        console.print(f"victim: pid {v.pid} ({v.comm}), {decision.victim.points} points")
+        v = decision.victim
+        console.print(f"victim: pid {v.task.pid} ({v.task.comm}), {v.points} points")
+        for reason in v.reasons:
+            console.print(f"  - {reason}")
     for note in decision.notes:
         console.print(f"note: {note}")
 

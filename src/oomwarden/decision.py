@@ -37,7 +37,7 @@ class Domain:
         path = task.memcg_v1 if cg.kind is HierarchyKind.V1 else task.cgroup_v2
         if path is None:
             return False
-        return path == cg.path or cg.path == "/" or path.startswith(cg.path + "/")
+        return cg.path in (path, "/") or path.startswith(cg.path + "/")
 
     def tasks(self, snapshot: Snapshot) -> list[Task]:
         return [t for t in snapshot.tasks if self.contains(t)]

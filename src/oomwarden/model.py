@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from types import MappingProxyType
 
 #: The kernel's ``PAGE_COUNTER_MAX`` on 64-bit (``LONG_MAX / PAGE_SIZE``) in
@@ -71,7 +71,7 @@ class SystemMemory:
         return self.mem_total // self.page_size + self.swap_total // self.page_size
 
 
-class HierarchyKind(str, Enum):
+class HierarchyKind(StrEnum):
     V1 = "v1"
     V2 = "v2"
 

@@ -210,9 +210,9 @@ def parse_meminfo(data: bytes) -> MemInfo:
     available = None if avail_kb is None else avail_kb * 1024
     swap_total = _kb_field(fields, "SwapTotal") * 1024
     swap_free = _kb_field(fields, "SwapFree") * 1024
-    for name, value in (("MemTotal", total), ("SwapTotal", swap_total)):
-        if value < 0:
-            raise ParseError(f"meminfo: {name} ({value}) is negative")
+    for label, amount in (("MemTotal", total), ("SwapTotal", swap_total)):
+        if amount < 0:
+            raise ParseError(f"meminfo: {label} ({amount}) is negative")
     if available is not None and not 0 <= available <= total:
         raise ParseError(f"meminfo: MemAvailable ({available}) cannot exceed MemTotal ({total})")
     if not 0 <= swap_free <= swap_total:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
 from oomwarden.sources.cgroupfs import find_hierarchies, walk_hierarchy
@@ -32,7 +32,7 @@ class SourceConfig:
     fs_root: str = "/"
     #: statfs-check every hierarchy (turn off only for recorded trees).
     verify_fs: bool = True
-    read: ReadOptions = ReadOptions()
+    read: ReadOptions = field(default_factory=ReadOptions)
     cgroups: bool = True
     page_size: int | None = None
 

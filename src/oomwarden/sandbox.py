@@ -1,0 +1,165 @@
+"""Confined child memory cgroups and memory hogs, for the demo and the real-kernel tests.
+
+Safety rules enforced here: child cgroups are made only under this process's
+own v1 memory cgroup, only after statfs shows the cgroup magic, always with a
+limit of at most 1 GiB; they are removed afterwards; only processes the test
+started are signalled; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oomwarden.errors import OomwardenError
+from oomwarden.model import HierarchyKind
+from oomwarden.sources.cgroupfs import find_hierarchies
+from oomwarden.sources.fsmagic import is_cgroup_fs
+from oomwarden.sources.parse import parse_proc_cgroup
+
+MAX_LIMIT = 1024 * 1024 * 1024
+
+
+def own_v1_memcg_dir() -> tuple[Path | None, str]:
+    """This process's own v1 memory cgroup directory, verified, or (None, why)."""
+    try:
+        hierarchies = find_hierarchies()
+    except OomwardenError as e:
+        return None, f"cannot read mountinfo: {e}"
+    v1 = [h for h in hierarchies if h.kind is HierarchyKind.V1 and h.has_memory]
+    if not v1:
+        return None, "no cgroup v1 memory hierarchy is mounted"
+    h = v1[0]
+    if not h.verified:
+        return None, f"{h.mount_point} is not a cgroup filesystem"
+    memcg, _ = parse_proc_cgroup(Path("/proc/self/cgroup").read_bytes())
+    if memcg is None:
+        return None, "this process is in no v1 memory cgroup"
+    rel = memcg[len(h.root):] if h.root != "/" and memcg.startswith(h.root) else memcg
+    path = Path(h.mount_point) / rel.lstrip("/")
+    if not path.is_dir() or not is_cgroup_fs(path, v2=False):
+        return None, f"own memory cgroup {path} is not a cgroup directory"
+    if not os.access(path, os.W_OK):
+        return None, f"cannot create cgroups in {path}"
+    return path, ""
+
+
+@dataclass
+class Hog:
+    proc: subprocess.Popen[bytes]
+    size_mib: int
+    adj: int
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class ChildMemcg:
+    path: Path
+    hierarchy_path: str
+    hogs: list[Hog] = field(default_factory=list)
+
+    def write(self, name: str, value: str) -> None:
+        (self.path / name).write_text(value)
+
+    def read(self, name: str) -> str:
+        return (self.path / name).read_text()
+
+    def pids(self) -> list[int]:
+        return [int(x) for x in self.read("cgroup.procs").split()]
+
+    def start_hog(self, size_mib: int, adj: int = 0, timeout: float = 60.0) -> Hog:
+        """Start a process in this cgroup that touches ``size_mib`` MiB and waits."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oomwarden._memhog", str(self.path / "cgroup.procs"),
+             str(size_mib), str(adj)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        hog = Hog(proc, size_mib, adj)
+        self.hogs.append(hog)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        line = proc.stdout.readline() if ready else b""
+        if line.strip() != b"ready":
+            raise RuntimeError(f"memory hog of {size_mib} MiB did not start: {line!r}")
+        return hog
+
+    def start_grower(self, size_mib: int, adj: int = 0) -> Hog:
+        """A process in this cgroup that allocates ``size_mib`` MiB, running into
+        the cgroup's limit on the way if the others leave too little room."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oomwarden._memhog", str(self.path / "cgroup.procs"),
+             f"grow:{size_mib}", str(adj)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+        )
+        hog = Hog(proc, size_mib, adj)
+        self.hogs.append(hog)
+        return hog
+
+
+class MemcgFactory:
+    def __init__(self, parent: Path, prefix: str = "oomwarden-test") -> None:
+        self.parent = parent
+        self.prefix = prefix
+        self.children: list[ChildMemcg] = []
+
+    def create(self, limit_bytes: int) -> ChildMemcg:
+        if not 0 < limit_bytes <= MAX_LIMIT:
+            raise ValueError(f"limit {limit_bytes} is outside 1..{MAX_LIMIT}")
+        path = self.parent / f"{self.prefix}-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        mount = _mount_of(path)
+        child = ChildMemcg(path, "/" + str(path.relative_to(mount)))
+        self.children.append(child)
+        child.write("memory.limit_in_bytes", str(limit_bytes))
+        if int(child.read("memory.limit_in_bytes")) > limit_bytes:
+            raise RuntimeError(f"limit on {path} did not take")
+        return child
+
+    def cleanup(self) -> None:
+        for child in self.children:
+            for hog in child.hogs:
+                _stop(hog.proc)
+            with contextlib.suppress(OSError):
+                # Let the kernel's killer act if anything is still paused in an OOM.
+                child.write("memory.oom_control", "0")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    child.path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _mount_of(path: Path) -> Path:
+    for h in find_hierarchies():
+        if h.kind is HierarchyKind.V1 and h.has_memory:
+            return Path(h.mount_point)
+    raise RuntimeError("no v1 memory hierarchy")

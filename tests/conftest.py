@@ -1,0 +1,48 @@
+"""Shared fixtures: real-kernel capability gates and child memory cgroups.
+
+Real-kernel tests skip where a capability is missing, except under
+``OOMWARDEN_REQUIRE_KERNEL=1`` (set by ``.ci/run``), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from kernelenv import ChildMemcg, MemcgFactory, own_v1_memcg_dir
+
+REQUIRE_KERNEL = os.environ.get("OOMWARDEN_REQUIRE_KERNEL") == "1"
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip (or, in CI, fail) a real-kernel test whose capability is missing."""
+    if condition:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"OOMWARDEN_REQUIRE_KERNEL=1 but {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def memcg_factory() -> Iterator[MemcgFactory]:
+    """Makes child v1 memory cgroups under this process's own memcg (limit <= 1 GiB)
+    and removes them afterwards, killing what the test started in them."""
+    parent, why = own_v1_memcg_dir()
+    need(parent is not None, why)
+    assert parent is not None
+    factory = MemcgFactory(parent)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def child_memcg(memcg_factory: MemcgFactory) -> ChildMemcg:
+    return memcg_factory.create(limit_bytes=512 * 1024 * 1024)
