@@ -214,8 +214,16 @@ def sleepers(count: int, sleep_bin: str) -> Iterator[Sleepers]:
             )
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like a Ctrl-C so that the cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+    raise Stopped(signum)
 
 
 # -- the two jobs -------------------------------------------------------------
@@ -415,9 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench/snapshot.py: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted; sleepers removed", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"\ninterrupted ({signal.Signals(signum).name}); sleepers removed", file=sys.stderr)
+        return 128 + signum
 
     largest = results[-1]
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -432,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {TARGET_N:,} extra tasks ranked in < {TARGET_MS:g} ms: "
               f"{ms:.1f} ms, {verdict}")
     else:
-        print(f"target {TARGET_N:,} extra tasks in < {TARGET_MS:g} ms: not run (N = {TARGET_N})")
+        print(f"target {TARGET_N:,} extra tasks in < {TARGET_MS:g} ms: not measured "
+              f"(N = {TARGET_N:,} was not run)")
     print(f"target speed-up >= {TARGET_SPEEDUP:g}x at N = {largest.extra:,}: "
           f"{'met' if met_speed else 'NOT met'}")
     print(f"procfs speed-up over psutil: {largest.speedup:.1f}x")

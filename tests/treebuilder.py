@@ -434,7 +434,7 @@ class FakeProc:
         v1 = self.memcg_v1 or "/"
         v2 = self.cgroup_v2 or "/"
         if layout == "v2":
-            return f"0::{v2}\n".encode()
+            return f"0::{v2}\n".encode("utf-8", "surrogateescape")
         lines = [
             "9:name=systemd:/", "8:pids:/", "7:blkio:/", "6:freezer:/", "5:devices:/",
             f"4:memory:{v1}", "3:cpuset:/", "2:cpuacct:/", "1:cpu:/",

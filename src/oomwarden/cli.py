@@ -21,8 +21,8 @@ from oomwarden.decision import Candidate, Decision
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
 from oomwarden.model import Snapshot
-from oomwarden.policy import load_policy
 from oomwarden.policy.engine import cgroup_domain, system_domain
+from oomwarden.policy.registry import load_policy
 from oomwarden.sources.procfs import ReadOptions, with_details
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.units import fmt_bytes

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
+from oomwarden.policy.kernel import Badness
+from oomwarden.policy.kernel import oom_score as kernel_oom_score
+from oomwarden.units import fmt_bytes
 
 Verdict = Literal["select", "ignore", "unkillable"]
 
@@ -45,14 +48,44 @@ class Domain:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One task as a policy saw it."""
+    """One task as a policy saw it.
+
+    Reasons are formatted only when asked for (``reasons``): ranking thousands
+    of tasks on the OOM path must not build thousands of strings.
+    """
 
     task: Task
     verdict: Verdict
     points: int | None
-    reasons: tuple[str, ...]
-    #: Kernel-scale score ``(1000 + points*1000/totalpages)*2/3`` (kernel policy).
-    oom_score: int | None = None
+    #: Reasons given as text (unkillable, ties, policy notes).
+    notes: tuple[str, ...] = ()
+    #: The kernel's badness terms, formatted into reasons on demand.
+    badness: Badness | None = None
+    #: The domain size, for the kernel-scale score; None when not kernel-scaled.
+    totalpages: int | None = None
+
+    @property
+    def oom_score(self) -> int | None:
+        """Kernel-scale score ``(1000 + points*1000/totalpages)*2/3``."""
+        if self.totalpages is None:
+            return None
+        return kernel_oom_score(self.points, self.totalpages)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        b = self.badness
+        if b is None or self.totalpages is None:
+            return self.notes
+        psize = self.task.page_size
+        total = self.totalpages
+        out = [
+            f"rss {fmt_bytes(b.rss * psize)} + swap {fmt_bytes(b.swap * psize)} + "
+            f"page tables {fmt_bytes(b.pgtables * psize)} = {b.rss + b.swap + b.pgtables} pages"
+        ]
+        if b.adj:
+            out.append(f"oom_score_adj {b.adj:+d} x {total // 1000} pages = {b.adj_pages:+d} pages")
+        out.append(f"{b.points} points of {total} ({100.0 * b.points / total:.1f}% of the domain)")
+        return (*out, *self.notes)
 
     def cgroup_path(self) -> str | None:
         return self.task.memcg_v1 if self.task.memcg_v1 is not None else self.task.cgroup_v2

@@ -22,7 +22,7 @@ from oomwarden.cli import main as cli_main
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
 from oomwarden.policy.engine import cgroup_domain, kernel_decision
-from oomwarden.sandbox import MemcgFactory, own_v1_memcg_dir
+from oomwarden.sandbox import Hog, MemcgFactory, own_v1_memcg_dir
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
 MiB = 1024 * 1024
@@ -54,13 +54,14 @@ def _confined(console: Console) -> int:
         console.print(f"\n$ oomwarden explain --cgroup {cg.hierarchy_path}")
         cli_main(["explain", "--cgroup", cg.hierarchy_path])
         snap = build_snapshot(SourceConfig())
-        decision = kernel_decision(snap, cgroup_domain(snap, resolve_cgroup(snap, cg.hierarchy_path)))
+        domain = cgroup_domain(snap, resolve_cgroup(snap, cg.hierarchy_path))
+        decision = kernel_decision(snap, domain)
         predicted = decision.victim.task.pid if decision.victim else None
         cg.write("memory.oom_control", "0")
         console.print("\nthe kernel's killer is resumed (oom_kill_disable=0) ...")
         hogs = (big, small, grower)
         deadline = time.monotonic() + 30
-        dead = []
+        dead: list[Hog] = []
         while not dead and time.monotonic() < deadline:
             dead = [h for h in hogs if h.proc.poll() is not None]
             time.sleep(0.05)
@@ -69,7 +70,8 @@ def _confined(console: Console) -> int:
             return 1
         victim = dead[0]
         how = "SIGKILL" if victim.proc.returncode == -signal.SIGKILL else victim.proc.returncode
-        verdict = "[green]as predicted[/]" if victim.pid == predicted else "[red]NOT as predicted[/]"
+        ok = victim.pid == predicted
+        verdict = "[green]as predicted[/]" if ok else "[red]NOT as predicted[/]"
         console.print(f"the kernel killed pid {victim.pid} ({how}): {verdict} "
                       f"(oomwarden predicted pid {predicted})")
         return 0 if victim.pid == predicted else 1

@@ -6,16 +6,12 @@ Pure: reads a :class:`Snapshot` and a :class:`Domain`, returns a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from oomwarden.decision import Candidate, Decision, Domain
 from oomwarden.errors import CgroupNotFound
-from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
-from oomwarden.policy.kernel import (
-    badness,
-    memcg_totalpages,
-    oom_score,
-    unkillable_reason,
-)
-from oomwarden.units import fmt_bytes
+from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task, page_counter_max_bytes
+from oomwarden.policy.kernel import badness, memcg_totalpages, unkillable_reason
 
 
 def system_domain(snapshot: Snapshot) -> Domain:
@@ -23,8 +19,8 @@ def system_domain(snapshot: Snapshot) -> Domain:
 
 
 def cgroup_domain(snapshot: Snapshot, cg: Cgroup) -> Domain:
-    """The memcg OOM domain of ``cg``; the root memcg's OOM is the system's."""
-    if cg.path == "/" and cg.kind is HierarchyKind.V1:
+    """The memcg OOM domain of ``cg``; the root cgroup's OOM is the system's."""
+    if cg.path == "/":
         return system_domain(snapshot)
     if not cg.memory_controller:
         raise CgroupNotFound(
@@ -56,24 +52,12 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
         b = badness(task, total)
         if b is None:
             why = unkillable_reason(task) or "unkillable"
-            excluded.append(Candidate(task, "unkillable", None, (why,), oom_score(None, total)))
+            excluded.append(Candidate(task, "unkillable", None, (why,), totalpages=total))
             continue
-        psize = task.page_size
-        share = 100.0 * b.points / total
-        reasons = [
-            f"rss {fmt_bytes(b.rss * psize)} + swap {fmt_bytes(b.swap * psize)} + "
-            f"page tables {fmt_bytes(b.pgtables * psize)} = {b.rss + b.swap + b.pgtables} pages",
-        ]
-        if b.adj:
-            reasons.append(
-                f"oom_score_adj {b.adj:+d} x {total // 1000} pages = {b.adj_pages:+d} pages"
-            )
-        reasons.append(f"{b.points} points of {total} ({share:.1f}% of the domain)")
         group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
-        key = (group, task.start_ticks, task.pid)
         ranked.append(
-            (b.points, key, Candidate(task, "select", b.points, tuple(reasons),
-                                      oom_score(b.points, total)))
+            (b.points, (group, task.start_ticks, task.pid),
+             Candidate(task, "select", b.points, badness=b, totalpages=total))
         )
     # Most points first; among equal points the one the kernel meets last wins.
     ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
@@ -82,13 +66,13 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
     if candidates:
         top = candidates[0]
         note = "most points in the domain: the kernel's choice"
-        ties = [c for c in candidates[1:] if c.points == top.points]
+        ties = [c for c in candidates[1:6] if c.points == top.points]
         if ties:
             note += (
-                f" (ties with pid {', '.join(str(c.task.pid) for c in ties[:5])}; "
+                f" (ties with pid {', '.join(str(c.task.pid) for c in ties)}; "
                 "the kernel keeps the one it meets last)"
             )
-        victim = Candidate(top.task, top.verdict, top.points, (*top.reasons, note), top.oom_score)
+        victim = replace(top, notes=(*top.notes, note))
         candidates[0] = victim
     excluded.sort(key=lambda c: c.task.pid)
     notes: list[str] = []
@@ -97,6 +81,13 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
         notes.append(
             f"the limit of {cg.fs_path} is unverified: its filesystem is not a cgroup "
             "filesystem, so it may limit nothing"
+        )
+    if cg is not None and cg.limit is not None and cg.limit >= page_counter_max_bytes(
+        snapshot.system.page_size
+    ):
+        notes.append(
+            f"{cg.name} has no memory limit of its own: an OOM reaches it only through "
+            "an ancestor's limit or the system's"
         )
     return Decision(
         domain=domain,

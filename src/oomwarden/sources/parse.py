@@ -7,6 +7,7 @@ property tests hold them to that).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ def parse_stat(data: bytes) -> StatFields:
     close_at = data.rfind(b")")
     if open_at < 0 or close_at < open_at:
         raise ParseError(f"stat: no '(comm)' in {data[:60]!r}")
-    rest = data[close_at + 2 :].split()
+    rest = data[close_at + 2 :].split(None, 20)
     if len(rest) < 20:
         raise ParseError(f"stat: {len(rest)} fields after comm, expected at least 20")
     try:
@@ -100,8 +101,42 @@ _STATUS_KEYS = {
 }
 
 
+#: Fast path for status as Linux 4.5+ writes it: the header and the memory
+#: block in their fixed order. Anything else (older or newer layouts, odd
+#: input) goes through the line-by-line parser, which is the reference.
+_STATUS_HEAD = re.compile(rb"\nTgid:\t(\d+)\n.*?\nPPid:\t(\d+)\n.*?\nUid:\t(\d+)\t", re.S)
+_STATUS_MEM = re.compile(
+    rb"\nVmRSS:\s*(\d+) kB\nRssAnon:\s*(\d+) kB\nRssFile:\s*(\d+) kB\n"
+    rb"RssShmem:\s*(\d+) kB\n(?:Vm[A-Za-z]+:\s*\d+ kB\n){4}"
+    rb"VmPTE:\s*(\d+) kB\nVmSwap:\s*(\d+) kB\n"
+)
+_STATUS_NO_MM = re.compile(rb"\nVm[A-Za-z]+:")
+_STATUS_KTHREAD = re.compile(rb"\nKthread:\t([01])\n")
+
+
 def parse_status(data: bytes) -> StatusFields:
     """Parse /proc/PID/status (only the keys oomwarden needs)."""
+    head = _STATUS_HEAD.search(data)
+    if head is not None and data.count(b"\nVmRSS:") <= 1:
+        mem = _STATUS_MEM.search(data, head.end())
+        kthread_m = _STATUS_KTHREAD.search(data, head.end())
+        kthread = None if kthread_m is None else kthread_m.group(1) == b"1"
+        if mem is not None:
+            _rss, anon, file, shmem, pte, swap = (int(g) for g in mem.groups())
+            return StatusFields(
+                int(head.group(1)), int(head.group(2)), int(head.group(3)), True,
+                anon, file, shmem, swap, pte, kthread,
+            )
+        if _STATUS_NO_MM.search(data) is None:
+            return StatusFields(
+                int(head.group(1)), int(head.group(2)), int(head.group(3)), False,
+                None, None, None, None, None, kthread,
+            )
+    return _parse_status_lines(data)
+
+
+def _parse_status_lines(data: bytes) -> StatusFields:
+    """The reference parser: every line, any order."""
     found: dict[str, int] = {}
     for line in data.split(b"\n"):
         key, sep, value = line.partition(b":")
@@ -113,7 +148,8 @@ def parse_status(data: bytes) -> StatusFields:
         words = value.split()
         if not words:
             raise ParseError(f"status: {key.decode()} has no value")
-        found[attr] = _int(words[0], f"status {key.decode()}")
+        if attr not in found:  # the first line of a key counts, as in the fast path
+            found[attr] = _int(words[0], f"status {key.decode()}")
     kthread = found.get("kthread")
     return StatusFields(
         tgid=found.get("tgid"),
@@ -148,7 +184,7 @@ def parse_limit(data: bytes, what: str, unlimited: int) -> int:
 def parse_flat_keyed(data: bytes, what: str) -> dict[str, int]:
     """``key value`` lines: memory.stat, memory.events, oom_control."""
     out: dict[str, int] = {}
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         if not line.strip():
             continue
         words = line.split()
@@ -193,7 +229,7 @@ class MemInfo:
 def parse_meminfo(data: bytes) -> MemInfo:
     """/proc/meminfo, values returned in bytes."""
     fields: dict[str, int] = {}
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         key, sep, value = line.partition(b":")
         if not sep:
             continue
@@ -246,7 +282,7 @@ def parse_psi(data: bytes, what: str = "pressure") -> Pressure:
     """A PSI file (/proc/pressure/memory or a cgroup's memory.pressure)."""
     some: PsiLine | None = None
     full: PsiLine | None = None
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         words = line.split()
         if not words:
             continue
@@ -291,7 +327,7 @@ class MountEntry:
 def parse_mountinfo(data: bytes) -> list[MountEntry]:
     """The cgroup and cgroup2 mounts in /proc/PID/mountinfo, in order."""
     mounts: list[MountEntry] = []
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         if not line.strip():
             continue
         fields = line.split(b" ")
@@ -341,7 +377,7 @@ def parse_proc_cgroup(data: bytes) -> tuple[str | None, str | None]:
     """/proc/PID/cgroup: (v1 memory path, v2 path); None where absent."""
     memcg: str | None = None
     unified: str | None = None
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         if not line:
             continue
         parts = line.split(b":", 2)

@@ -187,11 +187,18 @@ def read_task(
     kthread = stat.kthread or bool(status.kthread)
     has_mm = status.has_mm and not kthread
     kb_per_page = psize // 1024
-
-    def pages(kb: int | None) -> int | None:
-        if not has_mm:
-            return None
-        return None if kb is None else kb // kb_per_page
+    anon = file = shmem = swap = pte = None
+    if has_mm:
+        if status.rss_anon_kb is not None:
+            anon = status.rss_anon_kb // kb_per_page
+        if status.rss_file_kb is not None:
+            file = status.rss_file_kb // kb_per_page
+        if status.rss_shmem_kb is not None:
+            shmem = status.rss_shmem_kb // kb_per_page
+        if status.swap_kb is not None:
+            swap = status.swap_kb // kb_per_page
+        if status.pte_kb is not None:
+            pte = status.pte_kb // kb_per_page
 
     return Task(
         pid=stat.pid,
@@ -203,11 +210,11 @@ def read_task(
         uid=status.uid,
         kthread=kthread,
         has_mm=has_mm,
-        rss_anon=pages(status.rss_anon_kb),
-        rss_file=pages(status.rss_file_kb),
-        rss_shmem=pages(status.rss_shmem_kb),
-        swap=pages(status.swap_kb),
-        pgtables=pages(status.pte_kb),
+        rss_anon=anon,
+        rss_file=file,
+        rss_shmem=shmem,
+        swap=swap,
+        pgtables=pte,
         oom_score_adj=adj,
         memcg_v1=memcg_v1,
         cgroup_v2=cgroup_v2,
@@ -227,9 +234,11 @@ def _read_details(pid_fd: int) -> tuple[str | None, tuple[str, ...] | None]:
         exe = None  # kernel threads, zombies, permission: unknown
     try:
         raw = read_at(pid_fd, "cmdline")
-        cmdline = tuple(
-            a.decode("utf-8", "backslashreplace") for a in raw.rstrip(b"\0").split(b"\0")
-        ) if raw else ()
+        # Each argument ends in one NUL; an empty last argument is still one.
+        body = raw[:-1] if raw.endswith(b"\0") else raw
+        cmdline = (
+            tuple(a.decode("utf-8", "backslashreplace") for a in body.split(b"\0")) if raw else ()
+        )
     except OSError:
         cmdline = None
     return exe, cmdline
