@@ -726,15 +726,6 @@ class FakeTree:
                 _write(dirs[path] / "cgroup.procs", text)
         return self.root
 
-    def config_kwargs(self) -> dict[str, object]:
-        """Keyword arguments for ``SourceConfig`` reading this tree."""
-        return {
-            "proc_root": str(self.proc),
-            "fs_root": str(self.root),
-            "verify_fs": False,
-            "page_size": PAGE_SIZE,
-        }
-
     def cli_args(self) -> list[str]:
         return [
             "--proc-root", str(self.proc), "--fs-root", str(self.root), "--no-verify-fs",

@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from oomwarden import __version__
 from oomwarden.decision import Candidate, Decision
@@ -122,6 +123,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 127: "\\x7f"}
+
+
+def literal(text: str) -> Text:
+    """Process and cgroup names as literal, printable text: never Rich markup
+    (anyone can name a process ``[red]``), control characters escaped, and
+    undecodable bytes (surrogate-escaped) shown as ``\\xff``."""
+    safe = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return Text(safe.translate(_CONTROL))
+
+
 def _short_path(path: str | None, width: int = 28) -> str:
     if path is None:
         return "?"
@@ -135,9 +147,10 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
     shown = decision.candidates if all_tasks else decision.selectable[:top]
     d = decision.domain
     size = fmt_bytes(d.totalpages * snapshot.system.page_size)
-    title = (
-        f"domain {d.name} ({size} = {d.totalpages} pages), policy {decision.policy}: "
-        f"{len(decision.selectable)} killable of {len(decision.candidates)} tasks"
+    title = Text.assemble(
+        "domain ", literal(d.name), f" ({size} = {d.totalpages} pages), policy ",
+        literal(decision.policy),
+        f": {len(decision.selectable)} killable of {len(decision.candidates)} tasks",
     )
     table = Table(title=title, title_justify="left")
     table.add_column("pid", justify="right", no_wrap=True, min_width=7)
@@ -150,10 +163,10 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
     victim_id = decision.victim.task.identity if decision.victim is not None else None
     for c in shown:
         t = c.task
-        cells = [
+        cells: list[str | Text] = [
             str(t.pid),
-            t.comm[:16],
-            _short_path(c.cgroup_path()),
+            literal(t.comm),
+            literal(_short_path(c.cgroup_path())),
             fmt_bytes(t.rss_bytes),
             fmt_bytes(t.swap_bytes),
             "?" if t.oom_score_adj is None else str(t.oom_score_adj),
@@ -161,18 +174,20 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
             "-" if c.oom_score is None else str(c.oom_score),
         ]
         if all_tasks:
-            cells.append("" if c.verdict == "select" else "; ".join(c.reasons))
+            cells.append("" if c.verdict == "select" else literal("; ".join(c.reasons)))
         table.add_row(*cells, style="bold red" if t.identity == victim_id else None)
     console.print(table)
     if decision.victim is None:
         console.print("victim: none (no killable task in the domain)")
     else:
         v = decision.victim
-        console.print(f"victim: pid {v.task.pid} ({v.task.comm}), {v.points} points")
+        console.print(Text.assemble(
+            f"victim: pid {v.task.pid} (", literal(v.task.comm), f"), {v.points} points"
+        ))
         for reason in v.reasons:
-            console.print(f"  - {reason}")
+            console.print(Text.assemble("  - ", literal(reason)))
     for note in decision.notes:
-        console.print(f"note: {note}")
+        console.print(Text.assemble("note: ", literal(note)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
-from oomwarden.policy.kernel import Badness
+from oomwarden.policy.kernel import badness as kernel_badness
 from oomwarden.policy.kernel import oom_score as kernel_oom_score
 from oomwarden.units import fmt_bytes
 
@@ -59,9 +59,8 @@ class Candidate:
     points: int | None
     #: Reasons given as text (unkillable, ties, policy notes).
     notes: tuple[str, ...] = ()
-    #: The kernel's badness terms, formatted into reasons on demand.
-    badness: Badness | None = None
-    #: The domain size, for the kernel-scale score; None when not kernel-scaled.
+    #: Set when ``points`` are the kernel's badness in a domain of this many
+    #: pages: the kernel-scale score and the badness terms derive from it.
     totalpages: int | None = None
 
     @property
@@ -73,8 +72,10 @@ class Candidate:
 
     @property
     def reasons(self) -> tuple[str, ...]:
-        b = self.badness
-        if b is None or self.totalpages is None:
+        if self.totalpages is None or self.points is None:
+            return self.notes
+        b = kernel_badness(self.task, self.totalpages)
+        if b is None:
             return self.notes
         psize = self.task.page_size
         total = self.totalpages

@@ -11,7 +11,7 @@ from dataclasses import replace
 from oomwarden.decision import Candidate, Decision, Domain
 from oomwarden.errors import CgroupNotFound
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task, page_counter_max_bytes
-from oomwarden.policy.kernel import badness, memcg_totalpages, unkillable_reason
+from oomwarden.policy.kernel import badness_points, memcg_totalpages, unkillable_reason
 
 
 def system_domain(snapshot: Snapshot) -> Domain:
@@ -49,15 +49,15 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
     ranked: list[tuple[int, tuple[int, int, int], Candidate]] = []
     excluded: list[Candidate] = []
     for task in domain.tasks(snapshot):
-        b = badness(task, total)
-        if b is None:
+        points = badness_points(task, total)
+        if points is None:
             why = unkillable_reason(task) or "unkillable"
-            excluded.append(Candidate(task, "unkillable", None, (why,), totalpages=total))
+            excluded.append(Candidate(task, "unkillable", None, (why,), total))
             continue
         group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
         ranked.append(
-            (b.points, (group, task.start_ticks, task.pid),
-             Candidate(task, "select", b.points, badness=b, totalpages=total))
+            (points, (group, task.start_ticks, task.pid),
+             Candidate(task, "select", points, (), total))
         )
     # Most points first; among equal points the one the kernel meets last wins.
     ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)

@@ -33,6 +33,8 @@ from oomwarden.model import Cgroup, HierarchyKind, SystemMemory, Task
 LONG_MIN = -(2**63)
 OOM_SCORE_ADJ_MIN = -1000
 OOM_SCORE_ADJ_MAX = 1000
+#: vm.swappiness when it cannot be read: the kernel's default.
+DEFAULT_SWAPPINESS = 60
 
 
 def _to_long(value: int) -> int:
@@ -88,6 +90,29 @@ def badness(task: Task, totalpages: int) -> Badness | None:
     return Badness(rss, swap, pgtables, adj, adj_pages, _to_long(base + adj_pages))
 
 
+def badness_points(task: Task, totalpages: int) -> int | None:
+    """Just the points of :func:`badness` (the ranking hot path)."""
+    adj = task.oom_score_adj
+    if (
+        task.pid == 1
+        or task.kthread
+        or not task.has_mm
+        or adj is None
+        or adj <= OOM_SCORE_ADJ_MIN
+        or task.rss_anon is None
+        or task.rss_file is None
+        or task.rss_shmem is None
+    ):
+        return None
+    points = (
+        task.rss_anon + task.rss_file + task.rss_shmem + (task.swap or 0) + (task.pgtables or 0)
+        + adj * (totalpages // 1000)
+    )
+    if -(2**63) <= points < 2**63:
+        return points
+    return _to_long(points)
+
+
 def oom_score(points: int | None, totalpages: int) -> int:
     """The kernel-scale score ``/proc/PID/oom_score`` shows for these points."""
     if points is None:
@@ -107,13 +132,14 @@ def memcg_totalpages(cg: Cgroup, system: SystemMemory) -> int:
     unlimited_pages = (2**63 - 1) // psize
     limit = unlimited_pages if cg.limit is None else cg.limit // psize
     total = limit
+    vm_swappiness = DEFAULT_SWAPPINESS if system.swappiness is None else system.swappiness
     if cg.kind is HierarchyKind.V1:
-        swappiness = cg.swappiness if cg.swappiness is not None else system.swappiness
+        swappiness = cg.swappiness if cg.swappiness is not None else vm_swappiness
         if swappiness:
             memsw = unlimited_pages if cg.memsw_limit is None else cg.memsw_limit // psize
             swap = (memsw - limit) & (2**64 - 1)  # unsigned long in the kernel
             total += min(swap, total_swap)
-    elif system.swappiness:
+    elif vm_swappiness:
         swap_max = unlimited_pages if cg.swap_max is None else cg.swap_max // psize
         total += min(swap_max, total_swap)
     return total or 1

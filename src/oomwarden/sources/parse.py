@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from oomwarden.errors import ParseError
 from oomwarden.model import HierarchyKind, OomControl, Pressure, PsiLine
@@ -25,9 +26,9 @@ def _int(value: bytes | str, what: str) -> int:
         raise ParseError(f"{what}: expected an integer, got {value!r:.60}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class StatFields:
-    """The fields of /proc/PID/stat that oomwarden uses."""
+class StatFields(NamedTuple):
+    """The fields of /proc/PID/stat that oomwarden uses (a named tuple: this
+    is built once per process on the OOM path, where a dataclass costs more)."""
 
     pid: int
     comm: bytes
@@ -56,22 +57,20 @@ def parse_stat(data: bytes) -> StatFields:
     if len(rest) < 20:
         raise ParseError(f"stat: {len(rest)} fields after comm, expected at least 20")
     try:
-        state = rest[0].decode("ascii")
-    except UnicodeDecodeError:
-        raise ParseError(f"stat: bad state {rest[0]!r:.20}") from None
-    return StatFields(
-        pid=_int(data[:open_at].strip(), "stat pid"),
-        comm=data[open_at + 1 : close_at],
-        state=state,
-        ppid=_int(rest[1], "stat ppid"),
-        flags=_int(rest[6], "stat flags"),
-        num_threads=_int(rest[17], "stat num_threads"),
-        start_ticks=_int(rest[19], "stat starttime"),
-    )
+        return StatFields(
+            int(data[:open_at]),
+            data[open_at + 1 : close_at],
+            rest[0].decode("ascii"),
+            int(rest[1]),
+            int(rest[6]),
+            int(rest[17]),
+            int(rest[19]),
+        )
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        raise ParseError(f"stat: bad field in {data[:120]!r}") from None
 
 
-@dataclass(frozen=True, slots=True)
-class StatusFields:
+class StatusFields(NamedTuple):
     """The fields of /proc/PID/status that oomwarden uses; memory in kB."""
 
     tgid: int | None
@@ -122,10 +121,11 @@ def parse_status(data: bytes) -> StatusFields:
         kthread_m = _STATUS_KTHREAD.search(data, head.end())
         kthread = None if kthread_m is None else kthread_m.group(1) == b"1"
         if mem is not None:
-            _rss, anon, file, shmem, pte, swap = (int(g) for g in mem.groups())
+            tgid, ppid, uid = head.groups()
+            _rss, anon, file, shmem, pte, swap = mem.groups()
             return StatusFields(
-                int(head.group(1)), int(head.group(2)), int(head.group(3)), True,
-                anon, file, shmem, swap, pte, kthread,
+                int(tgid), int(ppid), int(uid), True,
+                int(anon), int(file), int(shmem), int(swap), int(pte), kthread,
             )
         if _STATUS_NO_MM.search(data) is None:
             return StatusFields(
