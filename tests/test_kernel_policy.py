@@ -29,6 +29,7 @@ from oomwarden.policy.engine import cgroup_domain, kernel_decision, system_domai
 from oomwarden.policy.kernel import (
     LONG_MIN,
     badness,
+    badness_points,
     c_div,
     memcg_totalpages,
     oom_score,
@@ -457,3 +458,26 @@ def test_victim_has_max_points(ts: list[Task], mem_pages: int, swap_pages: int) 
             assert 0 <= c.oom_score <= 2000
     points = [c.points for c in d.selectable if c.points is not None]
     assert len(points) == len(d.selectable) and points == sorted(points, reverse=True)
+
+
+TASKS = st.builds(
+    task,
+    pid=st.integers(1, 4_000_000),
+    rss_anon=st.none() | st.integers(0, 2**40),
+    rss_file=st.integers(0, 2**40),
+    rss_shmem=st.integers(0, 2**40),
+    swap=st.none() | st.integers(0, 2**40),
+    pgtables=st.none() | st.integers(0, 2**30),
+    oom_score_adj=st.none() | st.integers(-1000, 1000),
+    kthread=st.booleans(),
+    has_mm=st.booleans(),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(t=TASKS, total=st.integers(1, 2**52))
+def test_hot_path_points_equal_the_explained_badness(t: Task, total: int) -> None:
+    """The ranking loop's inlined formula and the one the reasons are built
+    from must never disagree, unkillable cases included."""
+    b = badness(t, total)
+    assert badness_points(t, total) == (None if b is None else b.points)

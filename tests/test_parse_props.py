@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.model import HierarchyKind, OomControl, PsiLine
 from oomwarden.sources.parse import (
+    _parse_status_lines,
     parse_flat_keyed,
     parse_limit,
     parse_meminfo,
@@ -635,3 +636,43 @@ def test_single_int_malformed(text: bytes) -> None:
     with pytest.raises(ParseError, match="oom_score_adj"):
         parse_single_int(text, "oom_score_adj")
 
+
+
+@PROPS
+@given(
+    pid=st.integers(1, 2**22),
+    mem=st.none() | st.tuples(MEM_KB, MEM_KB, MEM_KB, MEM_KB, MEM_KB),
+    kthread=st.booleans(),
+    edits=st.lists(st.tuples(st.sampled_from(["drop", "dup", "swap"]), st.integers(0, 60)),
+                   max_size=4),
+)
+def test_status_fast_path_agrees_with_the_reference(
+    *, pid: int, mem: tuple[int, int, int, int, int] | None, kthread: bool,
+    edits: list[tuple[str, int]],
+) -> None:
+    """parse_status takes a regex fast path for the kernel's layout; on any
+    layout (lines dropped, repeated, reordered) it must give what the
+    line-by-line reference parser gives, or raise ParseError where it does."""
+    anon, file, shmem, pte, swap = mem if mem is not None else (None,) * 5
+    lines = status_text(pid, b"job", "S", 1, uid=1000, kthread=kthread, rss_anon_kb=anon,
+                        rss_file_kb=file, rss_shmem_kb=shmem, pte_kb=pte,
+                        swap_kb=swap).split(b"\n")
+    for op, at in edits:
+        i = at % len(lines)
+        if op == "drop":
+            del lines[i]
+        elif op == "dup":
+            lines.insert(i, lines[i])
+        else:
+            j = (i + 1) % len(lines)
+            lines[i], lines[j] = lines[j], lines[i]
+    text = b"\n".join(lines)
+    try:
+        expected: Any = _parse_status_lines(text)
+    except ParseError:
+        expected = ParseError
+    try:
+        got: Any = parse_status(text)
+    except ParseError:
+        got = ParseError
+    assert got == expected

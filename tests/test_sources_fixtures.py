@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from oomwarden.model import (
     Task,
     page_counter_max_bytes,
 )
+from oomwarden.policy.engine import kernel_decision, system_domain
 from oomwarden.sources import procfs
 from oomwarden.sources.procfs import ReadOptions
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot, cgroup_map
@@ -498,11 +500,17 @@ def test_malformed_meminfo_names_the_file(tree: FakeTree) -> None:
         build_snapshot(tcfg(tree))
 
 
-def test_malformed_stat_names_the_pid(tree: FakeTree) -> None:
+def test_malformed_stat_skips_that_process_and_names_it(tree: FakeTree) -> None:
+    """One malformed process must not cost the whole decision: it is skipped,
+    counted, and named in the decision's notes."""
     tree.write()
     (tree.proc / "300/stat").write_bytes(b"300 job S 1\n")
-    with pytest.raises(ParseError, match=r"/300: stat: no '\(comm\)'"):
-        build_snapshot(tcfg(tree))
+    s = build_snapshot(tcfg(tree))
+    assert s.task(300) is None and s.skipped_unparsable == 1
+    assert len(s.problems) == 1 and re.search(r"/300: stat: no '\(comm\)'", s.problems[0])
+    assert len(s.tasks) >= 1
+    decision = kernel_decision(s, system_domain(s))
+    assert any("1 processes are not ranked" in n and "/300: stat" in n for n in decision.notes)
 
 
 @pytest.mark.parametrize("missing", ["stat", "status", "oom_score_adj"])

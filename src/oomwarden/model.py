@@ -234,6 +234,9 @@ class Snapshot:
     skipped_gone: int = 0
     #: Processes that could not be read (permissions, hidepid).
     skipped_unreadable: int = 0
+    #: Processes whose files did not parse (skipped, with the first messages).
+    skipped_unparsable: int = 0
+    problems: tuple[str, ...] = ()
 
     def task(self, pid: int) -> Task | None:
         for t in self.tasks:

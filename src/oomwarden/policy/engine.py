@@ -76,6 +76,16 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
         candidates[0] = victim
     excluded.sort(key=lambda c: c.task.pid)
     notes: list[str] = []
+    if snapshot.skipped_unreadable:
+        notes.append(
+            f"{snapshot.skipped_unreadable} processes could not be read and are not ranked"
+        )
+    if snapshot.skipped_unparsable:
+        first = "; ".join(snapshot.problems[:2])
+        notes.append(
+            f"{snapshot.skipped_unparsable} processes are not ranked: their /proc files did not "
+            f"parse ({first})"
+        )
     cg = domain.cgroup
     if cg is not None and not cg.verified:
         notes.append(

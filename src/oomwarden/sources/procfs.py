@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from oomwarden.errors import ParseError, SourceError, TaskGone
 from oomwarden.model import SystemMemory, Task
@@ -29,7 +29,12 @@ from oomwarden.sources.parse import (
 _GONE = (errno.ENOENT, errno.ESRCH)
 _DENIED = (errno.EACCES, errno.EPERM)
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_DIR_FLAGS = _OPEN_FLAGS | os.O_DIRECTORY
 _CHUNK = 16384
+# Bound once: the per-process loop calls these thousands of times.
+_open = os.open
+_read = os.read
+_close = os.close
 
 
 def read_at(dirfd: int, name: str) -> bytes:
@@ -91,12 +96,18 @@ class CgroupMap:
         return m1, m2
 
 
+#: How many parse problems a scan keeps word for word.
+MAX_PROBLEMS = 5
+
+
 @dataclass
 class ReadStats:
     """What a task scan skipped, for "considered N" style reporting."""
 
     gone: int = 0
     unreadable: int = 0
+    unparsable: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def _open_proc(proc_root: str) -> int:
@@ -149,23 +160,40 @@ def read_task(
 
     Raises :class:`TaskGone` when it vanished, :class:`SourceError` when it
     cannot be read, :class:`ParseError` when the kernel's text is malformed.
+    This runs once per process on the OOM path: the three reads are written
+    out rather than looped, and the rare cases (a dead leader, oom_score,
+    details) stay out of the way.
     """
     try:
-        pid_fd = os.open(name, _OPEN_FLAGS | os.O_DIRECTORY, dir_fd=proc_fd)
+        pid_fd = _open(name, _DIR_FLAGS, dir_fd=proc_fd)
     except OSError as e:
         if e.errno in _GONE:
             raise TaskGone(f"process {name} exited") from None
         raise SourceError(f"cannot open /proc/{name}: {e.strerror}") from None
     try:
         try:
-            stat = parse_stat(read_at(pid_fd, "stat"))
-            status_data = read_at(pid_fd, "status")
-            adj = parse_single_int(read_at(pid_fd, "oom_score_adj"), "oom_score_adj")
+            fd = _open("stat", _OPEN_FLAGS, dir_fd=pid_fd)
+            try:
+                stat_data = _read(fd, _CHUNK)
+            finally:
+                _close(fd)
+            fd = _open("status", _OPEN_FLAGS, dir_fd=pid_fd)
+            try:
+                status_data = _read(fd, _CHUNK)
+            finally:
+                _close(fd)
+            fd = _open("oom_score_adj", _OPEN_FLAGS, dir_fd=pid_fd)
+            try:
+                adj_data = _read(fd, 64)
+            finally:
+                _close(fd)
         except OSError as e:
             if e.errno in _GONE:
                 raise TaskGone(f"process {name} exited") from None
             raise SourceError(f"cannot read /proc/{name}: {e.strerror}") from None
+        stat = parse_stat(stat_data)
         status = parse_status(status_data)
+        adj = parse_single_int(adj_data, "oom_score_adj")
         if not status.has_mm and stat.state == "Z" and stat.num_threads > 1:
             alive = _leader_mm_status(pid_fd)
             if alive is not None:
@@ -173,22 +201,16 @@ def read_task(
         kernel_score: int | None = None
         exe: str | None = None
         cmdline: tuple[str, ...] | None = None
-        if options.oom_score:
-            try:
-                kernel_score = parse_single_int(read_at(pid_fd, "oom_score"), "oom_score")
-            except OSError as e:
-                if e.errno in _GONE:
-                    raise TaskGone(f"process {name} exited") from None
-        if options.details:
-            exe, cmdline = _read_details(pid_fd)
+        if options.oom_score or options.details:
+            kernel_score, exe, cmdline = _read_extras(pid_fd, name, options)
     finally:
-        os.close(pid_fd)
+        _close(pid_fd)
     memcg_v1, cgroup_v2 = cgroup_map.lookup(stat.pid) if cgroup_map else (None, None)
     kthread = stat.kthread or bool(status.kthread)
     has_mm = status.has_mm and not kthread
-    kb_per_page = psize // 1024
     anon = file = shmem = swap = pte = None
     if has_mm:
+        kb_per_page = psize // 1024
         if status.rss_anon_kb is not None:
             anon = status.rss_anon_kb // kb_per_page
         if status.rss_file_kb is not None:
@@ -199,7 +221,6 @@ def read_task(
             swap = status.swap_kb // kb_per_page
         if status.pte_kb is not None:
             pte = status.pte_kb // kb_per_page
-
     # Positional: keyword construction of a 21-field frozen dataclass costs
     # half as much again, once per process on the OOM path.
     return Task(
@@ -225,6 +246,23 @@ def read_task(
         cmdline,
         psize,
     )
+
+
+def _read_extras(
+    pid_fd: int, name: str, options: ReadOptions
+) -> tuple[int | None, str | None, tuple[str, ...] | None]:
+    kernel_score: int | None = None
+    exe: str | None = None
+    cmdline: tuple[str, ...] | None = None
+    if options.oom_score:
+        try:
+            kernel_score = parse_single_int(read_at(pid_fd, "oom_score"), "oom_score")
+        except OSError as e:
+            if e.errno in _GONE:
+                raise TaskGone(f"process {name} exited") from None
+    if options.details:
+        exe, cmdline = _read_details(pid_fd)
+    return kernel_score, exe, cmdline
 
 
 def _read_details(pid_fd: int) -> tuple[str | None, tuple[str, ...] | None]:
@@ -274,7 +312,11 @@ def read_tasks(
             except SourceError:
                 stats.unreadable += 1
             except ParseError as e:
-                raise ParseError(f"{proc_root}/{name}: {e}") from None
+                # One malformed process must not cost the whole decision: skip
+                # it, count it and keep the first messages for the report.
+                stats.unparsable += 1
+                if len(stats.problems) < MAX_PROBLEMS:
+                    stats.problems.append(f"{proc_root}/{name}: {e}")
     finally:
         os.close(proc_fd)
     return tasks

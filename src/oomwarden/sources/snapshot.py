@@ -72,6 +72,8 @@ def build_snapshot(
         build_seconds=time.perf_counter() - t0,
         skipped_gone=stats.gone,
         skipped_unreadable=stats.unreadable,
+        skipped_unparsable=stats.unparsable,
+        problems=tuple(stats.problems),
     )
 
 
