@@ -19,10 +19,11 @@ import pytest
 
 from oomwarden.cli import main
 from oomwarden.domains import resolve_cgroup
+from oomwarden.errors import TaskGone
 from oomwarden.model import Task
 from oomwarden.policy.engine import cgroup_domain, kernel_decision, system_domain
 from oomwarden.policy.kernel import badness, oom_score
-from oomwarden.sources.procfs import ReadOptions, read_task
+from oomwarden.sources.procfs import ReadOptions, initial_pidns, read_task
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
 from conftest import need
@@ -39,37 +40,47 @@ HOGS = [(100, 1), (200, 1000), (300, 0), (400, 250), (500, 500), (600, 750), (70
 REREADS = 20
 
 
-def _reread(pid: int, totalpages: int) -> tuple[int, int] | None:
-    """(ours, kernel's) for one process, read again; None if it exited."""
+def _reread(pid: int, start_ticks: int, totalpages: int) -> tuple[int, int] | None:
+    """(ours, kernel's) for the same process read again; None only when it has
+    exited or its PID now names another process. Any other error fails."""
     proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        task = read_task(proc_fd, str(pid), os.sysconf("SC_PAGE_SIZE"), ReadOptions(oom_score=True))
-    except Exception:
+        task = read_task(proc_fd, str(pid), os.sysconf("SC_PAGE_SIZE"),
+                         ReadOptions(oom_score=True), initial_pidns=initial_pidns(proc_fd))
+    except TaskGone:
         return None
     finally:
         os.close(proc_fd)
+    if task.start_ticks != start_ticks:
+        return None
     b = badness(task, totalpages)
     assert task.kernel_oom_score is not None
     return oom_score(None if b is None else b.points, totalpages), task.kernel_oom_score
 
 
+def _settled(pid: int, start_ticks: int, totalpages: int) -> bool:
+    """A first mismatch may be a race (the process changed between reading its
+    files): True when a fresh read agrees within REREADS tries, or it exited."""
+    for _ in range(REREADS):
+        again = _reread(pid, start_ticks, totalpages)
+        if again is None or again[0] == again[1]:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def _assert_parity(tasks: list[Task], totalpages: int, ours: dict[int, int]) -> int:
-    checked = 0
+    """Fails on any lasting mismatch; returns how many needed a re-read."""
+    reread = 0
     for t in tasks:
         assert t.kernel_oom_score is not None
         if ours[t.pid] == t.kernel_oom_score:
-            checked += 1
             continue
-        for _ in range(REREADS):
-            again = _reread(t.pid, totalpages)
-            if again is None or again[0] == again[1]:
-                break
-            time.sleep(0.01)
-        else:
-            pytest.fail(f"pid {t.pid} ({t.comm}): ours {again[0]}, kernel {again[1]} "
-                        f"after {REREADS} re-reads; task {t}")
-        checked += 1
-    return checked
+        reread += 1
+        if not _settled(t.pid, t.start_ticks, totalpages):
+            pytest.fail(f"pid {t.pid} ({t.comm}): ours {ours[t.pid]}, kernel "
+                        f"{t.kernel_oom_score}, still different after {REREADS} re-reads: {t}")
+    return reread
 
 
 def _start_hogs(memcg_factory: MemcgFactory) -> list[Hog]:
@@ -89,8 +100,10 @@ def test_every_process_matches_proc_oom_score(memcg_factory: MemcgFactory) -> No
     for t in snap.tasks:
         b = badness(t, total)
         ours[t.pid] = oom_score(None if b is None else b.points, total)
-    checked = _assert_parity(list(snap.tasks), total, ours)
-    assert checked == len(snap.tasks) >= len(HOGS) + 2
+    reread = _assert_parity(list(snap.tasks), total, ours)
+    assert len(snap.tasks) >= len(HOGS) + 2
+    # Re-reads are for the odd race, not a way to pass: most must agree at once.
+    assert reread <= len(snap.tasks) // 10
     by_pid = {t.pid: t for t in snap.tasks}
     for hog in hogs:
         t = by_pid[hog.pid]
@@ -104,16 +117,6 @@ def test_every_process_matches_proc_oom_score(memcg_factory: MemcgFactory) -> No
     assert decision.victim.task.pid == best.pid
 
 
-def _settled(pid: int, total: int) -> bool:
-    """True when our score and the kernel's agree within REREADS fresh reads."""
-    for _ in range(REREADS):
-        again = _reread(pid, total)
-        if again is None or again[0] == again[1]:
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def test_explain_json_agrees_with_proc(memcg_factory: MemcgFactory,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     _start_hogs(memcg_factory)
@@ -125,7 +128,8 @@ def test_explain_json_agrees_with_proc(memcg_factory: MemcgFactory,
     total = out["totalpages"]
     mismatched = [
         c for c in out["candidates"]
-        if c["oom_score"] != c["kernel_oom_score"] and not _settled(c["pid"], total)
+        if c["oom_score"] != c["kernel_oom_score"]
+        and not _settled(c["pid"], c["start_ticks"], total)
     ]
     assert not mismatched, mismatched
     pids = {c["pid"] for c in out["candidates"]}

@@ -51,6 +51,8 @@ def task(pid: int = 100, **kw: Any) -> Task:
         "start_ticks": 1000, "uid": 0, "kthread": False, "has_mm": True,
         "rss_anon": 60_000, "rss_file": 30_000, "rss_shmem": 10_000, "swap": 5_000,
         "pgtables": 200, "oom_score_adj": 0,
+        # As read from the initial PID namespace: pid 1 is the global init.
+        "global_init": pid == 1,
     }
     base.update(kw)
     return Task(**base)
@@ -140,6 +142,25 @@ def test_pid1_and_kthread_are_unkillable_even_with_memory() -> None:
     # had counters, or init with a huge rss, are still LONG_MIN.
     assert badness(task(pid=1, rss_anon=10**9), TOTAL) is None
     assert badness(task(kthread=True), TOTAL) is None
+
+
+def test_container_init_is_killable() -> None:
+    """Pid 1 of a container's PID namespace is not the global init: the
+    kernel's is_global_init() is false for it and it may be chosen."""
+    b = badness(task(pid=1, global_init=False, rss_anon=10**6), TOTAL)
+    assert b is not None and b.points == 10**6 + 30_000 + 10_000 + 5_000 + 200
+
+
+def test_vfork_child_is_unkillable() -> None:
+    assert badness(task(in_vfork=True), TOTAL) is None
+    assert unkillable_reason(task(in_vfork=True)) is not None
+
+
+def test_oom_rss_is_what_the_kernel_ranks_by() -> None:
+    """get_mm_rss() (stat) may differ from the exact status sums; the points
+    use the former, the split stays for display."""
+    b = badness(task(oom_rss=99_000), TOTAL)
+    assert b is not None and b.rss == 99_000 and b.points == 99_000 + 5_000 + 200
 
 
 def test_adj_minus_999_is_killable() -> None:

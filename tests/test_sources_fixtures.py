@@ -83,13 +83,17 @@ def get(snapshot: Snapshot, pid: int) -> Task:
 
 def user(pid: int, comm: str, ppid: int, start: int, mem: tuple[int, int, int, int, int], *,
          adj: int = 0, v1: str | None, v2: str | None, score: int,
-         cmdline: tuple[str, ...] = SPAWN, uid: int | None = 0) -> Task:
+         cmdline: tuple[str, ...] = SPAWN, uid: int | None = 0,
+         oom_rss: int | None = None) -> Task:
+    """``oom_rss`` is /proc/PID/stat's rss (get_mm_rss); on recorded trees it
+    differs from the status sums by the per-CPU counter slack."""
     anon, file, shmem, swap, pte = mem
     return Task(
         pid=pid, tgid=pid, ppid=ppid, comm=comm, state="S", start_ticks=start, uid=uid,
         kthread=False, has_mm=True, rss_anon=anon, rss_file=file, rss_shmem=shmem,
         swap=swap, pgtables=pte, oom_score_adj=adj, memcg_v1=v1, cgroup_v2=v2,
         kernel_oom_score=score, exe=None, cmdline=cmdline, page_size=PAGE,
+        oom_rss=anon + file + shmem if oom_rss is None else oom_rss, global_init=pid == 1,
     )
 
 
@@ -99,35 +103,35 @@ def nomm(pid: int, comm: str, ppid: int, start: int, *, kthread: bool, state: st
         pid=pid, tgid=pid, ppid=ppid, comm=comm, state=state, start_ticks=start, uid=uid,
         kthread=kthread, has_mm=False, rss_anon=None, rss_file=None, rss_shmem=None,
         swap=None, pgtables=None, oom_score_adj=0, memcg_v1=v1, cgroup_v2=v2,
-        kernel_oom_score=0, exe=None, cmdline=(), page_size=PAGE,
+        kernel_oom_score=0, exe=None, cmdline=(), page_size=PAGE, global_init=pid == 1,
     )
 
 
 # Values in pages: /proc/PID/status kB / 4 (RssAnon, RssFile, RssShmem, VmSwap, VmPTE).
 HYBRID_TASKS = {
     1: user(1, "process_api", 0, 6, (1051, 2, 1413, 0, 27), v1="/", v2="/", score=0,
-            cmdline=("/process_api",)),
+            cmdline=("/process_api",), oom_rss=2452),
     2: nomm(2, "kthreadd", 0, 6, kthread=True),
     14: nomm(14, "ksoftirqd/0", 2, 6, kthread=True),
     1074: user(1074, "memfd:sealed-91", 1, 4142, (33, 1, 241, 0, 11), v1=A342, v2="/",
                score=666, cmdline=("line_io_tools/binary_backend", "--uid", "0", "--gid", "0",
-                                   "--startup-timeout", "60")),
+                                   "--startup-timeout", "60"), oom_rss=259),
     1075: user(1075, "bash", 1074, 4143, (293, 768, 0, 0, 12), v1=A342, v2="/", score=666,
-               cmdline=("bash", "/dev/fd/3")),
+               cmdline=("bash", "/dev/fd/3"), oom_rss=1056),
     21578: user(21578, "python3", 1, 38598, (1795, 1724, 0, 0, 19), v1=EF48, v2="/",
-                score=666),
+                score=666, oom_rss=3496),
     21620: user(21620, HOSTILE, 21578, 38608, (14088, 948, 0, 0, 43), v1=EF48, v2="/sandbox",
-                score=668),
+                score=668, oom_rss=14999),
     21621: user(21621, "guardian", 21578, 38608, (3843, 948, 0, 0, 23), adj=-1000, v1=EF48,
-                v2="/", score=0),
+                v2="/", score=0, oom_rss=4762),
     21622: user(21622, "postgres", 21578, 38608, (34578, 948, 0, 0, 83), adj=-500, v1=EF48,
-                v2="/", score=337),
+                v2="/", score=337, oom_rss=35479),
     21623: user(21623, "hog", 21578, 38608, (67362, 948, 0, 0, 147), v1=EF48, v2="/",
-                score=674),
+                score=674, oom_rss=68279),
     21624: user(21624, "worker", 21578, 38609, (5893, 948, 0, 0, 27), adj=300, v1=EF48,
-                v2="/sandbox", score=867),
+                v2="/sandbox", score=867, oom_rss=6810),
     21625: user(21625, "reaper-less", 21578, 38609, (1795, 1060, 0, 0, 19), v1=EF48, v2="/",
-                score=666),
+                score=666, oom_rss=2810),
     # The zombie is in no cgroup.procs; /proc/PID/cgroup shows "/" on v1 for an
     # exiting task (proc_cgroup_show), and that fallback is what we read.
     21626: nomm(21626, "defunct-child", 21625, 38610, kthread=False, state="Z"),
@@ -196,7 +200,10 @@ def test_hybrid_tasks_every_field(hybrid: Snapshot) -> None:
 
 def test_hybrid_task_properties(hybrid: Snapshot) -> None:
     hog = get(hybrid, 21623)
-    assert hog.rss == 67362 + 948 and hog.rss_bytes == (67362 + 948) * PAGE
+    # rss is get_mm_rss() from stat, which the kernel ranks by; the exact
+    # status sums of this recorded process differ by the per-CPU slack.
+    assert hog.rss == 68279 and hog.rss_bytes == 68279 * PAGE
+    assert (hog.rss_anon or 0) + (hog.rss_file or 0) == 67362 + 948
     assert hog.swap_bytes == 0 and hog.identity == (21623, 38608) and not hog.is_zombie
     z = get(hybrid, 21626)
     assert z.is_zombie and z.rss is None and z.rss_bytes is None and z.swap_bytes is None
@@ -248,8 +255,9 @@ def test_hybrid_cgroup_map(hybrid: Snapshot) -> None:
     assert m.v1[21623] == EF48 and m.v1[1075] == A342 and m.v1[2] == "/"
     assert m.v2[21620] == "/sandbox" and m.v2[1] == "/"
     assert 21626 not in m.v1 and 21626 not in m.v2
-    # the zombie falls back to its own /proc/PID/cgroup
-    assert m.lookup(21626) == ("/", "/")
+    assert m.lookup(21626) == (None, None, False)
+    # the zombie falls back to its own /proc/PID/cgroup, read by read_task
+    assert get(hybrid, 21626).memcg_v1 == "/" and get(hybrid, 21626).cgroup_v2 == "/"
 
 
 # ---------------------------------------------------------------- recorded: v2
@@ -325,8 +333,9 @@ def test_v2_map_and_fallback(v2: Snapshot) -> None:
     m = cgroup_map(list(v2.cgroups), v2.hierarchies, str(V2DIR / "proc"))
     assert m.v1 is None and m.v2 is not None
     assert 2150 not in m.v2 and 2102 not in m.v2 and m.v2[1523] == "/app.slice/web.service"
-    assert m.lookup(2150) == (None, "/app.slice/batch.service")
-    assert m.lookup(2102) == (None, S2)
+    assert m.lookup(2150) == (None, None, False)
+    assert get(v2, 2150).cgroup_v2 == "/app.slice/batch.service"
+    assert get(v2, 2102).cgroup_v2 == S2
 
 
 # ------------------------------------------------------------------ built trees
@@ -373,7 +382,7 @@ def test_built_tree_task_fields(tree: FakeTree) -> None:
         kthread=False, has_mm=True, rss_anon=10_000, rss_file=100, rss_shmem=10, swap=200,
         pgtables=30, oom_score_adj=-17, memcg_v1="/job", cgroup_v2="/job.scope",
         kernel_oom_score=job.kernel_oom_score, exe=None, cmdline=("job", "--x y", "", "z"),
-        page_size=PAGE,
+        page_size=PAGE, oom_rss=10_110,
     )
     # 10340 pages - 17 * (1000000 / 1000) = -6660 -> (1000 - 6) * 2 / 3 = 662
     assert job.kernel_oom_score == 662
@@ -562,10 +571,12 @@ def test_zombie_leader_with_live_thread(tree: FakeTree) -> None:
     live = status_text(501, b"leader", "S", 1, rss_anon_kb=8000, rss_file_kb=400,
                        rss_shmem_kb=0, pte_kb=40, swap_kb=0, tgid=500, num_threads=3)
     write_thread_status(tree.proc / "500", 500, (tree.proc / "500/status").read_bytes())
-    write_thread_status(tree.proc / "500", 501, live)
+    write_thread_status(tree.proc / "500", 501, live, rss_pages=2099)
     s = build_snapshot(tcfg(tree))
     t = get(s, 500)
-    assert t.state == "Z" and t.has_mm and t.rss == 2100 and t.pgtables == 10
+    # rss from the live thread's stat (get_mm_rss), the split from its status
+    assert t.state == "Z" and t.has_mm and t.rss == 2099 and t.pgtables == 10
+    assert (t.rss_anon, t.rss_file) == (2000, 100)
 
 
 def test_plain_zombie_has_no_mm(tree: FakeTree) -> None:
@@ -624,12 +635,13 @@ def test_cli_explain_all_hybrid(capsys: pytest.CaptureFixture[str]) -> None:
         assert set(c) >= CANDIDATE_FIELDS, c["pid"]
         assert isinstance(c["reasons"], list) and c["reasons"]
     by_pid = {c["pid"]: c for c in d["candidates"]}
-    # worker: 6868 pages + 300 * 6182 = 1861468 points beats hog's 68457
-    assert d["victim"]["pid"] == 21624 and d["victim"]["points"] == 1861468
-    assert by_pid[21623]["points"] == 68457 and by_pid[21623]["rss_bytes"] == 68310 * PAGE
+    # Points use stat's rss (get_mm_rss), as the kernel does:
+    # worker: 6810 + 27 pages + 300 * 6182 = 1861437 points beats hog's 68279 + 147
+    assert d["victim"]["pid"] == 21624 and d["victim"]["points"] == 1861437
+    assert by_pid[21623]["points"] == 68426 and by_pid[21623]["rss_bytes"] == 68279 * PAGE
     assert by_pid[21620]["comm"] == HOSTILE and by_pid[21620]["cgroup"] == EF48
     assert by_pid[21622]["oom_score_adj"] == -500
-    assert by_pid[21622]["points"] == 35609 - 500 * 6182
+    assert by_pid[21622]["points"] == 35479 + 83 - 500 * 6182
     for pid in (1, 2, 14, 21621, 21626):
         assert by_pid[pid]["verdict"] == "unkillable" and by_pid[pid]["points"] is None
         assert by_pid[pid]["oom_score"] == 0
@@ -677,8 +689,8 @@ def test_cli_cgroup_hybrid(capsys: pytest.CaptureFixture[str], spec: str) -> Non
     assert {c["pid"] for c in d["candidates"]} == {
         21578, 21620, 21621, 21622, 21623, 21624, 21625
     }
-    # worker: 6868 + 300 * 262 = 85468 points
-    assert d["victim"]["pid"] == 21624 and d["victim"]["points"] == 85468
+    # worker: 6810 + 27 + 300 * 262 = 85437 points
+    assert d["victim"]["pid"] == 21624 and d["victim"]["points"] == 85437
     assert any("unverified" in n for n in d["notes"])
 
 

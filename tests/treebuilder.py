@@ -760,7 +760,9 @@ def default_v2_stat() -> dict[str, int]:
     }
 
 
-def write_thread_status(proc_dir: Path, tid: int, status: bytes) -> None:
-    """``proc/PID/task/TID/status``: a thread of a process (for a dead leader)."""
+def write_thread_status(proc_dir: Path, tid: int, status: bytes, rss_pages: int = 0) -> None:
+    """``proc/PID/task/TID/status`` and ``stat``: a thread of a process (for a
+    dead leader); ``rss_pages`` is the thread's stat rss (get_mm_rss)."""
     _write(proc_dir / "task" / str(tid) / "status", status)
+    _write(proc_dir / "task" / str(tid) / "stat", stat_line(tid, b"thread", rss_pages=rss_pages))
 

@@ -162,9 +162,15 @@ class Cgroup:
 class Task:
     """One process (thread-group leader) at snapshot time.
 
-    Memory is in pages of ``page_size`` bytes, exactly as the kernel counts it
-    (``/proc/PID/status`` values divided by the page size). ``has_mm`` is False
-    for kernel threads and zombies: the kernel cannot free memory by killing them.
+    Memory is in pages of ``page_size`` bytes. ``has_mm`` is False for kernel
+    threads and zombies: the kernel cannot free memory by killing them.
+
+    Two views of resident memory: ``oom_rss`` is ``get_mm_rss()``, the per-CPU
+    counters read without summing (``/proc/PID/stat`` field 24), which is what
+    the kernel's ``oom_badness()`` uses; the split ``rss_anon/file/shmem``
+    comes from ``/proc/PID/status``, which since Linux 6.16 sums the per-CPU
+    counters exactly. The two may differ by the counters' per-CPU slack (up to
+    ``nr_cpus * max(32, 2 * nr_cpus)`` pages each); the ranking uses ``oom_rss``.
     """
 
     pid: int
@@ -192,10 +198,20 @@ class Task:
     exe: str | None = None
     cmdline: tuple[str, ...] | None = None
     page_size: int = 4096
+    #: ``get_mm_rss()`` as the OOM killer reads it; None where unknown.
+    oom_rss: int | None = None
+    #: The global init (pid 1 of the initial PID namespace): never killed.
+    #: Pid 1 of a container's namespace is an ordinary process to the kernel.
+    global_init: bool = False
+    #: A vfork child still sharing its parent's mm (the kernel skips it).
+    in_vfork: bool = False
 
     @property
     def rss(self) -> int | None:
-        """Resident pages (anon + file + shmem), the kernel's ``get_mm_rss``."""
+        """Resident pages as the OOM killer counts them: ``oom_rss`` where
+        known, else anon + file + shmem."""
+        if self.oom_rss is not None:
+            return self.oom_rss
         if self.rss_anon is None or self.rss_file is None or self.rss_shmem is None:
             return None
         return self.rss_anon + self.rss_file + self.rss_shmem

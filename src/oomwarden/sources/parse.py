@@ -37,6 +37,9 @@ class StatFields(NamedTuple):
     flags: int
     num_threads: int
     start_ticks: int
+    #: Resident pages as ``get_mm_rss()`` returns them: the per-CPU counters
+    #: read without summing, exactly what ``oom_badness()`` uses.
+    rss_pages: int
 
     @property
     def kthread(self) -> bool:
@@ -53,9 +56,9 @@ def parse_stat(data: bytes) -> StatFields:
     close_at = data.rfind(b")")
     if open_at < 0 or close_at < open_at:
         raise ParseError(f"stat: no '(comm)' in {data[:60]!r}")
-    rest = data[close_at + 2 :].split(None, 20)
-    if len(rest) < 20:
-        raise ParseError(f"stat: {len(rest)} fields after comm, expected at least 20")
+    rest = data[close_at + 2 :].split(None, 22)
+    if len(rest) < 22:
+        raise ParseError(f"stat: {len(rest)} fields after comm, expected at least 22")
     try:
         return StatFields(
             int(data[:open_at]),
@@ -65,6 +68,7 @@ def parse_stat(data: bytes) -> StatFields:
             int(rest[6]),
             int(rest[17]),
             int(rest[19]),
+            int(rest[21]),
         )
     except ValueError:  # UnicodeDecodeError is a ValueError too
         raise ParseError(f"stat: bad field in {data[:120]!r}") from None
@@ -120,18 +124,21 @@ def parse_status(data: bytes) -> StatusFields:
         mem = _STATUS_MEM.search(data, head.end())
         kthread_m = _STATUS_KTHREAD.search(data, head.end())
         kthread = None if kthread_m is None else kthread_m.group(1) == b"1"
-        if mem is not None:
-            tgid, ppid, uid = head.groups()
-            _rss, anon, file, shmem, pte, swap = mem.groups()
-            return StatusFields(
-                int(tgid), int(ppid), int(uid), True,
-                int(anon), int(file), int(shmem), int(swap), int(pte), kthread,
-            )
-        if _STATUS_NO_MM.search(data) is None:
-            return StatusFields(
-                int(head.group(1)), int(head.group(2)), int(head.group(3)), False,
-                None, None, None, None, None, kthread,
-            )
+        try:
+            if mem is not None:
+                tgid, ppid, uid = head.groups()
+                _rss, anon, file, shmem, pte, swap = mem.groups()
+                return StatusFields(
+                    int(tgid), int(ppid), int(uid), True,
+                    int(anon), int(file), int(shmem), int(swap), int(pte), kthread,
+                )
+            if _STATUS_NO_MM.search(data) is None:
+                return StatusFields(
+                    int(head.group(1)), int(head.group(2)), int(head.group(3)), False,
+                    None, None, None, None, None, kthread,
+                )
+        except ValueError:  # e.g. more digits than int() takes
+            raise ParseError(f"status: bad number in {data[:80]!r}") from None
     return _parse_status_lines(data)
 
 
@@ -168,6 +175,14 @@ def _parse_status_lines(data: bytes) -> StatusFields:
 def parse_single_int(data: bytes, what: str) -> int:
     """A file holding one integer (oom_score_adj, oom_score, memory.current)."""
     return _int(data.strip(), what)
+
+
+def parse_oom_score_adj(data: bytes) -> int:
+    """/proc/PID/oom_score_adj: an integer in -1000..1000."""
+    value = _int(data.strip(), "oom_score_adj")
+    if not -1000 <= value <= 1000:
+        raise ParseError(f"oom_score_adj: {value} is outside -1000..1000")
+    return value
 
 
 def parse_limit(data: bytes, what: str, unlimited: int) -> int:

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field, replace
 
 from oomwarden.errors import ParseError, SourceError, TaskGone
 from oomwarden.model import SystemMemory, Task
+from oomwarden.sources.fsmagic import fs_magic
+from oomwarden.sources.kcmp import shares_mm
 from oomwarden.sources.parse import (
     parse_meminfo,
+    parse_oom_score_adj,
     parse_proc_cgroup,
     parse_psi,
     parse_single_int,
@@ -76,24 +79,42 @@ class ReadOptions:
 class CgroupMap:
     """pid -> cgroup paths from the cgroups' ``cgroup.procs``.
 
-    A process missing from a hierarchy's map (born after the walk, or moved)
-    is looked up in its own ``/proc/PID/cgroup``, through the same pid fd.
+    A process missing from a mounted hierarchy's map (born after the walk, or
+    moved) is looked up in its own ``/proc/PID/cgroup`` by the caller.
     """
 
     v1: dict[int, str] | None
     v2: dict[int, str] | None
-    proc_root: str = "/proc"
 
-    def lookup(self, pid: int) -> tuple[str | None, str | None]:
+    def lookup(self, pid: int) -> tuple[str | None, str | None, bool]:
+        """(v1 path, v2 path, whether every mounted hierarchy answered)."""
         m1 = self.v1.get(pid) if self.v1 is not None else None
         m2 = self.v2.get(pid) if self.v2 is not None else None
-        if (self.v1 is not None and m1 is None) or (self.v2 is not None and m2 is None):
-            f1, f2 = read_cgroup_of(self.proc_root, pid)
-            if self.v1 is not None and m1 is None:
-                m1 = f1
-            if self.v2 is not None and m2 is None:
-                m2 = f2
+        complete = (self.v1 is None or m1 is not None) and (self.v2 is None or m2 is not None)
+        return m1, m2, complete
+
+    def complete(
+        self, m1: str | None, m2: str | None, cgroup_file: bytes | None
+    ) -> tuple[str | None, str | None]:
+        """Fill what the maps lacked from the process's own cgroup file."""
+        if cgroup_file is None:
+            return m1, m2
+        try:
+            f1, f2 = parse_proc_cgroup(cgroup_file)
+        except ParseError:
+            return m1, m2
+        if self.v1 is not None and m1 is None:
+            m1 = f1
+        if self.v2 is not None and m2 is None:
+            m2 = f2
         return m1, m2
+
+
+def _cgroup_file(pid_fd: int) -> bytes | None:
+    try:
+        return read_at(pid_fd, "cgroup")
+    except OSError:
+        return None
 
 
 #: How many parse problems a scan keeps word for word.
@@ -117,8 +138,8 @@ def _open_proc(proc_root: str) -> int:
         raise SourceError(f"cannot open proc root {proc_root}: {e.strerror}") from None
 
 
-def _leader_mm_status(pid_fd: int) -> bytes | None:
-    """Status of a live thread, for a process whose leader has exited.
+def _leader_mm_status(pid_fd: int) -> tuple[bytes, bytes] | None:
+    """(stat, status) of a live thread, for a process whose leader has exited.
 
     The kernel's ``find_lock_task_mm`` looks through the threads for one that
     still has the mm; /proc/PID/status of a dead leader shows no memory lines.
@@ -140,12 +161,13 @@ def _leader_mm_status(pid_fd: int) -> bytes | None:
             continue
         try:
             data = read_at(task_fd, "status")
+            stat = read_at(task_fd, "stat")
         except OSError:
             continue
         finally:
             os.close(task_fd)
         if b"\nVmRSS:" in data:
-            return data
+            return stat, data
     return None
 
 
@@ -155,8 +177,13 @@ def read_task(
     psize: int,
     options: ReadOptions,
     cgroup_map: CgroupMap | None = None,
+    *,
+    initial_pidns: bool = True,
 ) -> Task:
     """Read one process ``name`` (its PID as text) below the open proc root.
+
+    ``initial_pidns`` tells whether the proc root shows the initial PID
+    namespace, where pid 1 is the global init that is never killed.
 
     Raises :class:`TaskGone` when it vanished, :class:`SourceError` when it
     cannot be read, :class:`ParseError` when the kernel's text is malformed.
@@ -193,19 +220,30 @@ def read_task(
             raise SourceError(f"cannot read /proc/{name}: {e.strerror}") from None
         stat = parse_stat(stat_data)
         status = parse_status(status_data)
-        adj = parse_single_int(adj_data, "oom_score_adj")
+        adj = parse_oom_score_adj(adj_data)
+        rss_pages = stat.rss_pages
         if not status.has_mm and stat.state == "Z" and stat.num_threads > 1:
             alive = _leader_mm_status(pid_fd)
             if alive is not None:
-                status = parse_status(alive)
+                rss_pages = parse_stat(alive[0]).rss_pages
+                status = parse_status(alive[1])
         kernel_score: int | None = None
         exe: str | None = None
         cmdline: tuple[str, ...] | None = None
         if options.oom_score or options.details:
             kernel_score, exe, cmdline = _read_extras(pid_fd, name, options)
+        memcg_v1: str | None = None
+        cgroup_v2: str | None = None
+        if cgroup_map is not None:
+            memcg_v1, cgroup_v2, complete = cgroup_map.lookup(stat.pid)
+            if not complete:
+                # Born after the cgroup walk, or moved: ask the process itself,
+                # through the same pid fd (a recycled PID cannot answer).
+                memcg_v1, cgroup_v2 = cgroup_map.complete(
+                    memcg_v1, cgroup_v2, _cgroup_file(pid_fd)
+                )
     finally:
         _close(pid_fd)
-    memcg_v1, cgroup_v2 = cgroup_map.lookup(stat.pid) if cgroup_map else (None, None)
     kthread = stat.kthread or bool(status.kthread)
     has_mm = status.has_mm and not kthread
     anon = file = shmem = swap = pte = None
@@ -245,6 +283,8 @@ def read_task(
         exe,
         cmdline,
         psize,
+        rss_pages if has_mm else None,
+        stat.pid == 1 and initial_pidns,
     )
 
 
@@ -303,10 +343,14 @@ def read_tasks(
     stats = stats if stats is not None else ReadStats()
     proc_fd = _open_proc(proc_root)
     tasks: list[Task] = []
+    live = is_live_procfs(proc_root)
+    initial = initial_pidns(proc_fd) if live else True
     try:
         for name in iter_pids(proc_fd):
             try:
-                tasks.append(read_task(proc_fd, name, psize, options, cgroup_map))
+                tasks.append(read_task(
+                    proc_fd, name, psize, options, cgroup_map, initial_pidns=initial
+                ))
             except TaskGone:
                 stats.gone += 1
             except SourceError:
@@ -319,7 +363,61 @@ def read_tasks(
                     stats.problems.append(f"{proc_root}/{name}: {e}")
     finally:
         os.close(proc_fd)
+    if live:
+        tasks = mark_vfork_children(tasks)
     return tasks
+
+
+#: The inode of the initial PID namespace (PROC_PID_INIT_INO).
+PROC_PID_INIT_INO = 0xEFFFFFFC
+PROC_SUPER_MAGIC = 0x9FA0
+
+
+def is_live_procfs(proc_root: str) -> bool:
+    """True when ``proc_root`` is a real procfs (not a recorded tree)."""
+    try:
+        return fs_magic(proc_root) == PROC_SUPER_MAGIC
+    except OSError:
+        return False
+
+
+def initial_pidns(proc_fd: int) -> bool:
+    """Whether this procfs shows the initial PID namespace, where pid 1 is the
+    global init. Unknown (no access) counts as yes: init is never a victim."""
+    for link in ("self/ns/pid", "1/ns/pid"):
+        try:
+            target = os.readlink(link, dir_fd=proc_fd)
+        except OSError:
+            continue
+        return target == f"pid:[{PROC_PID_INIT_INO}]"
+    return True
+
+
+def mark_vfork_children(tasks: list[Task]) -> list[Task]:
+    """Mark vfork children that still share their parent's mm.
+
+    ``oom_badness()`` skips them (``in_vfork()``): the mm is the parent's and
+    killing the child frees nothing, while ``/proc`` shows the child with all
+    of the parent's memory (and it would win a tie against the parent). A
+    candidate is a child with the parent's counters whose parent waits in
+    state D; ``kcmp(KCMP_VM)`` then confirms the shared mm.
+    """
+    by_pid = {t.pid: t for t in tasks}
+    out = tasks
+    for i, t in enumerate(tasks):
+        parent = by_pid.get(t.ppid)
+        if (
+            parent is None
+            or parent.state != "D"
+            or not t.has_mm
+            or (t.oom_rss, t.pgtables) != (parent.oom_rss, parent.pgtables)
+        ):
+            continue
+        if shares_mm(t.pid, parent.pid):
+            if out is tasks:
+                out = list(tasks)
+            out[i] = replace(t, in_vfork=True)
+    return out
 
 
 def with_details(proc_root: str, task: Task) -> Task:

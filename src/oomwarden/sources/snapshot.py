@@ -93,4 +93,4 @@ def cgroup_map(
             continue
         for pid in cg.pids:
             target[pid] = cg.path
-    return CgroupMap(v1=v1, v2=v2, proc_root=proc_root)
+    return CgroupMap(v1=v1, v2=v2)
