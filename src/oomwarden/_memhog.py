@@ -1,30 +1,85 @@
 """A test process: join a cgroup, set oom_score_adj, touch memory, wait.
 
-usage: memhog.py CGROUP_PROCS SIZE_MIB|grow:SIZE_MIB ADJ
+usage: python -m oomwarden._memhog CGROUP_PROCS SIZE ADJ
 
-Prints "ready" once its memory is resident, then waits until stdin closes,
-at most 120 s (it never outlives a test). "grow:N" allocates N MiB 8 MiB at a
-time without announcing itself (it is meant to run into its cgroup's limit,
-only ever inside a limited child cgroup), then waits the same way.
+SIZE is one of:
+- ``N``: touch N MiB, print "ready";
+- ``grow:N``: allocate N MiB 8 MiB at a time without announcing itself (it is
+  meant to run into its cgroup's limit, only ever inside a limited child
+  cgroup);
+- ``edge:K``: touch pages one by one, switching CPUs, until its badness as
+  /proc/PID/status counts it is K pages past the next step of the system
+  oom_score, then print "ready": a process whose score depends on which rss
+  count the kernel uses (the per-CPU counters leave the two apart).
+
+It then waits until stdin closes, at most 120 s: it never outlives a test.
 """
 
+from __future__ import annotations
+
+import mmap
 import os
+import select
 import sys
 import time
 
-procs, size, adj = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with open("/proc/self/oom_score_adj", "w") as f:
-    f.write(str(adj))
-with open(procs, "w") as f:
-    f.write(str(os.getpid()))
-deadline = time.monotonic() + 120
-chunks = []
-if size.startswith("grow:"):
-    for _ in range(int(size[5:]) // 8):
-        chunks.append(b"\x01" * (8 << 20))
-else:
-    chunks.append(b"\x01" * (int(size) << 20))
-    print("ready", flush=True)
-import select  # noqa: E402
+LIFETIME = 120.0
 
-select.select([sys.stdin], [], [], max(0.0, deadline - time.monotonic()))
+
+def _status_points() -> int:
+    fields: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 1 and parts[0] in ("RssAnon:", "RssFile:", "RssShmem:", "VmPTE:"):
+                fields[parts[0]] = int(parts[1])
+    return sum(fields.values()) // 4
+
+
+def _score(points: int, total: int) -> int:
+    return (1000 + points * 1000 // total) * 2 // 3
+
+
+def _edge(past: int) -> mmap.mmap:
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) // 4 for line in f if line.startswith("MemTotal:"))
+    start = _status_points()
+    target = start + 1
+    while _score(target, total) == _score(target - 1, total):
+        target += 1
+    target += past
+    pages = target - start + 4096
+    area = mmap.mmap(-1, pages * 4096)
+    cpus = sorted(os.sched_getaffinity(0))
+    i = 0
+    while _status_points() < target and i < pages:
+        os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+        for _ in range(3):
+            area[i * 4096] = 1
+            i += 1
+    os.sched_setaffinity(0, set(cpus))
+    return area
+
+
+def main() -> None:
+    procs, size, adj = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(adj))
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + LIFETIME
+    held: list[object] = []
+    if size.startswith("grow:"):
+        for _ in range(int(size[5:]) // 8):
+            held.append(b"\x01" * (8 << 20))
+    elif size.startswith("edge:"):
+        held.append(_edge(int(size[5:])))
+        print("ready", flush=True)
+    else:
+        held.append(b"\x01" * (int(size) << 20))
+        print("ready", flush=True)
+    select.select([sys.stdin], [], [], max(0.0, deadline - time.monotonic()))
+
+
+if __name__ == "__main__":
+    main()

@@ -78,33 +78,39 @@ class ChildMemcg:
     def pids(self) -> list[int]:
         return [int(x) for x in self.read("cgroup.procs").split()]
 
-    def start_hog(self, size_mib: int, adj: int = 0, timeout: float = 60.0) -> Hog:
-        """Start a process in this cgroup that touches ``size_mib`` MiB and waits."""
+    def _start(self, size: str, adj: int, *, ready_within: float | None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "oomwarden._memhog", str(self.path / "cgroup.procs"),
-             str(size_mib), str(adj)],
+             size, str(adj)],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if ready_within is not None else subprocess.DEVNULL,
         )
-        hog = Hog(proc, size_mib, adj)
+        if ready_within is not None:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], ready_within)
+            line = proc.stdout.readline() if ready else b""
+            if line.strip() != b"ready":
+                _stop(proc)
+                raise RuntimeError(f"memory hog {size!r} did not start: {line!r}")
+        return proc
+
+    def start_hog(self, size_mib: int, adj: int = 0, timeout: float = 60.0) -> Hog:
+        """Start a process in this cgroup that touches ``size_mib`` MiB and waits."""
+        hog = Hog(self._start(str(size_mib), adj, ready_within=timeout), size_mib, adj)
         self.hogs.append(hog)
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline() if ready else b""
-        if line.strip() != b"ready":
-            raise RuntimeError(f"memory hog of {size_mib} MiB did not start: {line!r}")
+        return hog
+
+    def start_edge(self, past: int, adj: int = 0, timeout: float = 60.0) -> Hog:
+        """A process whose status-counted badness is ``past`` pages beyond a
+        step of the system oom_score (see :mod:`oomwarden._memhog`)."""
+        hog = Hog(self._start(f"edge:{past}", adj, ready_within=timeout), -1, adj)
+        self.hogs.append(hog)
         return hog
 
     def start_grower(self, size_mib: int, adj: int = 0) -> Hog:
         """A process in this cgroup that allocates ``size_mib`` MiB, running into
         the cgroup's limit on the way if the others leave too little room."""
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "oomwarden._memhog", str(self.path / "cgroup.procs"),
-             f"grow:{size_mib}", str(adj)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-        )
-        hog = Hog(proc, size_mib, adj)
+        hog = Hog(self._start(f"grow:{size_mib}", adj, ready_within=None), size_mib, adj)
         self.hogs.append(hog)
         return hog
 
