@@ -502,3 +502,19 @@ def test_hot_path_points_equal_the_explained_badness(t: Task, total: int) -> Non
     from must never disagree, unkillable cases included."""
     b = badness(t, total)
     assert badness_points(t, total) == (None if b is None else b.points)
+
+
+def test_tie_v2_memcg_follows_cgroup_procs_order() -> None:
+    """On v2, cgroup.procs comes out in css_task_iter order, the order the
+    kernel's memcg scan meets the tasks: a process moved in later is met later
+    whatever its start time (v1 sorts cgroup.procs, so start time decides)."""
+    moved_in_late = task(700, start_ticks=1, cgroup_v2="/p")
+    started_late = task(701, start_ticks=900, cgroup_v2="/p")
+    cgs = (cgroup(V2, "/p", limit=GIB, pids=(701, 700)),)
+    s = snap(moved_in_late, started_late, cgroups=cgs)
+    d = kernel_decision(s, cgroup_domain(s, cgs[0]))
+    assert d.victim is not None and d.victim.task.pid == 700
+    cgs = (cgroup(V2, "/p", limit=GIB, pids=(700, 701)),)
+    s = snap(moved_in_late, started_late, cgroups=cgs)
+    d = kernel_decision(s, cgroup_domain(s, cgs[0]))
+    assert d.victim is not None and d.victim.task.pid == 701

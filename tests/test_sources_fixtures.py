@@ -802,3 +802,24 @@ def test_cli_table_non_utf8_cgroup_name(
     code, out, err = run(capsys, "explain", *t.cli_args())
     assert (code, err) == (0, "")
     assert "victim: pid 10" in out
+
+
+def test_malformed_cgroup_file_skips_that_cgroup(tree: FakeTree) -> None:
+    """One odd memory.stat must not cost every decision: the cgroup is skipped,
+    counted and named; the processes are still ranked."""
+    tree.write()
+    (tree.root / "sys/fs/cgroup/memory/job/memory.stat").write_bytes(b"cache one two\n")
+    s = build_snapshot(tcfg(tree))
+    assert s.cgroup(V1, "/job") is None and s.cgroup(V1, "/") is not None
+    assert s.skipped_cgroups == 1 and "memory.stat" in s.problems[-1]
+    assert get(s, 300).memcg_v1 == "/job"  # from the process's own cgroup file
+    decision = kernel_decision(s, system_domain(s))
+    assert decision.victim is not None
+    assert any("1 cgroups were skipped" in n for n in decision.notes)
+
+
+def test_cgroup_stat_can_be_left_out(tree: FakeTree) -> None:
+    tree.write()
+    s = build_snapshot(tcfg(tree, cgroup_stat=False))
+    job = s.cgroup(V1, "/job")
+    assert job is not None and job.stat == {} and job.limit == 512 * 1024**2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,6 +30,14 @@ from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.units import fmt_bytes
 
 EXIT_USAGE = 2
+
+
+class _Console(Console):
+    """Rich turns a broken pipe into ``SystemExit(1)``; we treat it like any
+    other closed reader (``main`` exits 0, as with ``--json``)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,7 +117,7 @@ def _with_details(decision: Decision, proc_root: str, shown: Sequence[Candidate]
 def cmd_explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     snapshot = _take_snapshot(args)
-    if args.cgroup:
+    if args.cgroup is not None:
         domain = cgroup_domain(snapshot, resolve_cgroup(snapshot, args.cgroup))
     else:
         domain = system_domain(snapshot)
@@ -141,9 +150,9 @@ def _short_path(path: str | None, width: int = 28) -> str:
 
 
 def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top: int) -> None:
-    console = Console()
+    console = _Console()
     if not console.is_terminal:
-        console = Console(width=140)  # a pipe or a file: don't squeeze to 80 columns
+        console = _Console(width=140)  # a pipe or a file: don't squeeze to 80 columns
     shown = decision.candidates if all_tasks else decision.selectable[:top]
     d = decision.domain
     size = fmt_bytes(d.totalpages * snapshot.system.page_size)
@@ -190,6 +199,17 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
         console.print(Text.assemble("note: ", literal(note)))
 
 
+def _silence_stdout() -> None:
+    """After a failed write, point stdout at /dev/null so that the
+    interpreter's final flush does not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -200,7 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"oomwarden: error: {e}\n")
         return EXIT_USAGE
     except BrokenPipeError:
+        _silence_stdout()  # the reader went away (`| head`): not an error
         return 0
+    except KeyboardInterrupt:
+        sys.stderr.write("oomwarden: interrupted\n")
+        return 130
+    except OSError as e:
+        _silence_stdout()
+        where = f"{e.filename}: " if e.filename else "writing the output: "
+        sys.stderr.write(f"oomwarden: error: {where}{e.strerror or e}\n")
+        return EXIT_USAGE
     parser.error(f"unknown command {args.command}")
 
 

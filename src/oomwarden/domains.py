@@ -29,6 +29,8 @@ def resolve_cgroup(snapshot: Snapshot, spec: str) -> Cgroup:
         if text.startswith(prefix):
             kinds, text = (only,), text[len(prefix):]
     text = text.removeprefix("cgroup:")
+    if not text.strip():
+        raise CgroupNotFound(f"no path in cgroup {spec!r}")
     # A filesystem path below a mount point?
     real = os.path.realpath(text) if os.path.isabs(text) else text
     for h in snapshot.hierarchies:

@@ -252,6 +252,8 @@ class Snapshot:
     skipped_unreadable: int = 0
     #: Processes whose files did not parse (skipped, with the first messages).
     skipped_unparsable: int = 0
+    #: Cgroups whose files did not parse (skipped; their messages in problems).
+    skipped_cgroups: int = 0
     problems: tuple[str, ...] = ()
 
     def task(self, pid: int) -> Task | None:

@@ -46,7 +46,16 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
     """``select_bad_process()`` over the domain's tasks, with reasons."""
     total = domain.totalpages
     order = _cgroup_order(snapshot, domain) if domain.cgroup is not None else None
-    ranked: list[tuple[int, tuple[int, int, int], Candidate]] = []
+    # On v2, cgroup.procs lists a cgroup's processes in the kernel's own
+    # css_task_iter order, the order mem_cgroup_scan_tasks meets them; v1
+    # sorts the list, so there (and for the system) start time stands in.
+    listed: dict[int, int] = {}
+    if domain.cgroup is not None and domain.cgroup.kind is HierarchyKind.V2:
+        listed = {
+            pid: i for c in snapshot.cgroups if c.kind is HierarchyKind.V2
+            for i, pid in enumerate(c.pids)
+        }
+    ranked: list[tuple[int, tuple[int, int, int, int], Candidate]] = []
     excluded: list[Candidate] = []
     for task in domain.tasks(snapshot):
         points = badness_points(task, total)
@@ -56,7 +65,7 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
             continue
         group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
         ranked.append(
-            (points, (group, task.start_ticks, task.pid),
+            (points, (group, listed.get(task.pid, 0), task.start_ticks, task.pid),
              Candidate(task, "select", points, (), total))
         )
     # Most points first; among equal points the one the kernel meets last wins.
@@ -79,6 +88,11 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
     if snapshot.skipped_unreadable:
         notes.append(
             f"{snapshot.skipped_unreadable} processes could not be read and are not ranked"
+        )
+    if snapshot.skipped_cgroups:
+        notes.append(
+            f"{snapshot.skipped_cgroups} cgroups were skipped: their files did not parse "
+            f"({'; '.join(snapshot.problems[-2:])})"
         )
     if snapshot.skipped_unparsable:
         first = "; ".join(snapshot.problems[:2])

@@ -37,6 +37,8 @@ from oomwarden.sources.parse import (
 #: Bounds on a hierarchy walk: a runaway tree must not stall the OOM path.
 MAX_CGROUPS = 100_000
 MAX_DEPTH = 64
+#: How many parse problems a walk keeps word for word.
+MAX_PROBLEMS = 5
 
 
 def reroot(fs_root: str, path: str) -> str:
@@ -73,7 +75,12 @@ def find_hierarchies(
             controllers = v1_controllers(m.super_options)
             if "memory" not in controllers:
                 continue
-        else:
+        if not os.path.isdir(mount_point):
+            raise SourceError(
+                f"{path} lists a {m.kind.value} cgroup hierarchy at {m.mount_point}, but "
+                f"{mount_point} is not a directory (wrong --fs-root?)"
+            )
+        if m.kind is HierarchyKind.V2:
             controllers = _v2_controllers(mount_point)
         verified = verify and is_cgroup_fs(mount_point, m.kind is HierarchyKind.V2)
         found.append(
@@ -137,7 +144,7 @@ def _pids(read: Callable[[str], bytes | None]) -> tuple[int, ...]:
 
 
 def read_cgroup(
-    hierarchy: Hierarchy, path: str, fs_path: str, *, psize: int = 4096
+    hierarchy: Hierarchy, path: str, fs_path: str, *, psize: int = 4096, with_stat: bool = True
 ) -> Cgroup:
     """Read one cgroup directory. Missing files are None (unknown)."""
     try:
@@ -149,7 +156,7 @@ def read_cgroup(
     try:
         if hierarchy.kind is HierarchyKind.V1:
             oom = read("memory.oom_control")
-            stat = read("memory.stat")
+            stat = read("memory.stat") if with_stat else None
             swappiness = _opt_int(read, "memory.swappiness")
             use_hier = _opt_int(read, "memory.use_hierarchy")
             return Cgroup(
@@ -172,7 +179,7 @@ def read_cgroup(
                 pids=_pids(read),
             )
         events = read("memory.events")
-        stat = read("memory.stat")
+        stat = read("memory.stat") if with_stat else None
         oom_group = _opt_int(read, "memory.oom.group")
         current = _opt_int(read, "memory.current")
         is_root = path == "/"
@@ -209,13 +216,22 @@ def _join(root: str, rel: str) -> str:
 
 
 def walk_hierarchy(
-    hierarchy: Hierarchy, *, psize: int = 4096, below: str | None = None
+    hierarchy: Hierarchy,
+    *,
+    psize: int = 4096,
+    below: str | None = None,
+    problems: list[str] | None = None,
+    with_stat: bool = True,
 ) -> list[Cgroup]:
     """Every cgroup of ``hierarchy`` in pre-order (children by inode, i.e. by
     creation), bounded by :data:`MAX_CGROUPS` and :data:`MAX_DEPTH`.
 
-    A cgroup removed during the walk is skipped (a normal race).
+    A cgroup removed during the walk is skipped (a normal race): its
+    directory must still be there, with the same inode, after its files were
+    read. A cgroup whose files do not parse is skipped too, and the message
+    goes to ``problems``: one odd file must not cost every decision.
     ``below``, a path inside the hierarchy, limits the walk to that subtree.
+    ``with_stat=False`` leaves out memory.stat (costly on v2 with many cgroups).
     """
     out: list[Cgroup] = []
     start_rel = ""
@@ -230,11 +246,16 @@ def walk_hierarchy(
         fs_path = _join(hierarchy.mount_point, rel)
         path = _join(hierarchy.root, rel) if rel else hierarchy.root
         try:
-            out.append(read_cgroup(hierarchy, path, fs_path, psize=psize))
-        except SourceError:
+            cg = read_cgroup(hierarchy, path, fs_path, psize=psize, with_stat=with_stat)
+            if os.stat(fs_path).st_ino != cg.inode:
+                continue  # removed (and perhaps made again) while we read it
+        except (SourceError, OSError):
             continue
-        except OSError:
+        except ParseError as e:
+            if problems is not None and len(problems) < MAX_PROBLEMS:
+                problems.append(str(e))
             continue
+        out.append(cg)
         if depth >= MAX_DEPTH:
             continue
         try:

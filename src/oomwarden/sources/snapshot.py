@@ -7,10 +7,12 @@ that appeared after the cgroup walk fall back to their own cgroup file.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from oomwarden.errors import SourceError
 from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
 from oomwarden.sources.cgroupfs import find_hierarchies, walk_hierarchy
 from oomwarden.sources.procfs import (
@@ -34,6 +36,8 @@ class SourceConfig:
     verify_fs: bool = True
     read: ReadOptions = field(default_factory=ReadOptions)
     cgroups: bool = True
+    #: Read memory.stat of every cgroup (off on a hot path with many cgroups).
+    cgroup_stat: bool = True
     page_size: int | None = None
 
 
@@ -45,15 +49,20 @@ def build_snapshot(
     """Read everything once. Raises :class:`SourceError` for an unreadable root."""
     started = clock()
     t0 = time.perf_counter()
+    if not os.path.isdir(config.proc_root):
+        raise SourceError(f"cannot read proc root {config.proc_root}: not a directory")
     psize = config.page_size or page_size()
     hierarchies: tuple[Hierarchy, ...] = ()
     cgroups: list[Cgroup] = []
+    cgroup_problems: list[str] = []
     if config.cgroups:
         hierarchies = find_hierarchies(
             config.proc_root, config.fs_root, verify=config.verify_fs
         )
         for h in hierarchies:
-            cgroups.extend(walk_hierarchy(h, psize=psize))
+            cgroups.extend(walk_hierarchy(
+                h, psize=psize, problems=cgroup_problems, with_stat=config.cgroup_stat
+            ))
     system = read_system(config.proc_root, psize=psize)
     stats = ReadStats()
     tasks = read_tasks(
@@ -73,7 +82,8 @@ def build_snapshot(
         skipped_gone=stats.gone,
         skipped_unreadable=stats.unreadable,
         skipped_unparsable=stats.unparsable,
-        problems=tuple(stats.problems),
+        problems=tuple(stats.problems + cgroup_problems),
+        skipped_cgroups=len(cgroup_problems),
     )
 
 
