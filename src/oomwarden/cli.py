@@ -170,12 +170,13 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
     if all_tasks:
         table.add_column("why not", overflow="fold")
     victim_id = decision.victim.task.identity if decision.victim is not None else None
+    kind = d.cgroup.kind if d.cgroup is not None else None
     for c in shown:
         t = c.task
         cells: list[str | Text] = [
             str(t.pid),
             literal(t.comm),
-            literal(_short_path(c.cgroup_path())),
+            literal(_short_path(c.cgroup_path(kind))),
             fmt_bytes(t.rss_bytes),
             fmt_bytes(t.swap_bytes),
             "?" if t.oom_score_adj is None else str(t.oom_score_adj),

@@ -88,10 +88,20 @@ class Candidate:
         out.append(f"{b.points} points of {total} ({100.0 * b.points / total:.1f}% of the domain)")
         return (*out, *self.notes)
 
-    def cgroup_path(self) -> str | None:
+    def cgroup_path(self, kind: HierarchyKind | None = None) -> str | None:
+        """The task's cgroup on ``kind``'s hierarchy; with no kind, its memory
+        cgroup where it has a v1 one, else its v2 cgroup."""
+        if kind is HierarchyKind.V1:
+            return self.task.memcg_v1
+        if kind is HierarchyKind.V2:
+            return self.task.cgroup_v2
         return self.task.memcg_v1 if self.task.memcg_v1 is not None else self.task.cgroup_v2
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, kind: HierarchyKind | None = None) -> dict[str, Any]:
+        """``cgroup`` is the task's path on ``kind``'s hierarchy (the domain's).
+        ``oom_score`` is on the kernel's scale for this candidate's domain: for a
+        memory cgroup it uses the cgroup's size, while ``kernel_oom_score`` (read
+        from /proc) is always the system one."""
         t = self.task
         out: dict[str, Any] = {
             "pid": t.pid,
@@ -99,7 +109,7 @@ class Candidate:
             "comm": t.comm,
             "state": t.state,
             "uid": t.uid,
-            "cgroup": self.cgroup_path(),
+            "cgroup": self.cgroup_path(kind),
             "memcg_v1": t.memcg_v1,
             "cgroup_v2": t.cgroup_v2,
             "rss_bytes": t.rss_bytes,
@@ -143,13 +153,14 @@ class Decision:
     def to_json(self, top: int | None = 10, all_tasks: bool = False) -> dict[str, Any]:
         shown = self.candidates if all_tasks else self.selectable[: top if top else None]
         cg = self.domain.cgroup
+        kind = None if cg is None else cg.kind
         return {
             "domain": self.domain.name,
             "hierarchy": None if cg is None else cg.kind.value,
             "totalpages": self.domain.totalpages,
             "policy": self.policy,
-            "victim": None if self.victim is None else self.victim.to_json(),
-            "candidates": [c.to_json() for c in shown],
+            "victim": None if self.victim is None else self.victim.to_json(kind),
+            "candidates": [c.to_json(kind) for c in shown],
             "considered": len(self.candidates),
             "selectable": len(self.selectable),
             "fallback": self.fallback,

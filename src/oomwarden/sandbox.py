@@ -132,9 +132,16 @@ class MemcgFactory:
         child.write("memory.limit_in_bytes", str(limit_bytes))
         if int(child.read("memory.limit_in_bytes")) > limit_bytes:
             raise RuntimeError(f"limit on {path} did not take")
+        if (path / "memory.memsw.limit_in_bytes").exists():
+            # memory + swap at the same limit: nothing in here can swap, so
+            # the cgroup really runs out at its limit, swap or not.
+            child.write("memory.memsw.limit_in_bytes", str(limit_bytes))
         return child
 
     def cleanup(self) -> None:
+        """Stop every process started here and remove every child cgroup;
+        raises RuntimeError naming any cgroup that could not be removed."""
+        left: list[str] = []
         for child in self.children:
             for hog in child.hogs:
                 _stop(hog.proc)
@@ -142,14 +149,20 @@ class MemcgFactory:
                 # Let the kernel's killer act if anything is still paused in an OOM.
                 child.write("memory.oom_control", "0")
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
+            while True:
                 try:
                     child.path.rmdir()
                     break
                 except FileNotFoundError:
                     break
-                except OSError:
+                except OSError as e:
+                    if time.monotonic() > deadline:
+                        left.append(f"{child.path} ({e.strerror})")
+                        break
                     time.sleep(0.05)
+        self.children.clear()
+        if left:
+            raise RuntimeError(f"could not remove child cgroups: {', '.join(left)}")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
