@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -214,3 +217,63 @@ def test_kernel_ranks_by_unsummed_rss_like_us(memcg_factory: MemcgFactory) -> No
         status_wrong += oom_score(status_sum, total) != t.kernel_oom_score
     print(f"status-based score wrong for {status_wrong} of {len(hogs)}")
     assert status_wrong > 0, "no process showed the per-CPU slack; the test proves nothing"
+
+
+VFORKER = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    size_t n = (size_t)atol(argv[1]) << 20;
+    char *p = malloc(n);
+    memset(p, 1, n);
+    if (vfork() == 0) {      /* the child borrows the parent's mm ... */
+        sleep(atoi(argv[2])); /* ... and holds it (the parent waits in D) */
+        _exit(0);
+    }
+    return p[0] - 1;
+}
+"""
+
+
+def test_vfork_child_is_unkillable_like_the_kernel_says(
+    memcg_factory: MemcgFactory, tmp_path: Path
+) -> None:
+    """A vfork child shows its parent's memory in /proc but the kernel gives it
+    LONG_MIN (oom_score 0): we must see it the same way, not rank it first."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    need(cc is not None, "no C compiler to build the vfork test program")
+    assert cc is not None
+    exe = tmp_path / "vforker"
+    (tmp_path / "vforker.c").write_text(VFORKER)
+    subprocess.run([cc, "-O1", "-o", str(exe), str(tmp_path / "vforker.c")], check=True,
+                   timeout=60)
+    cg = memcg_factory.create(limit_bytes=256 * MiB)
+    parent = subprocess.Popen(
+        ["sh", "-c", f'echo $$ > {cg.path / "cgroup.procs"} && exec {exe} 64 20'],
+    )
+    try:
+        deadline = time.monotonic() + 20
+        child = None
+        while time.monotonic() < deadline and child is None:
+            kids = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            child = int(kids[0]) if kids else None
+            time.sleep(0.05)
+        assert child is not None, "the vfork child did not appear"
+        snap = build_snapshot(SourceConfig(read=ReadOptions(oom_score=True)))
+        kid = snap.task(child)
+        par = snap.task(parent.pid)
+        assert kid is not None and par is not None
+        assert par.state == "D" and kid.in_vfork and not par.in_vfork
+        assert kid.kernel_oom_score == 0  # the kernel's own word
+        total = snap.system.totalpages
+        assert badness(kid, total) is None and badness(par, total) is not None
+        decision = kernel_decision(snap, cgroup_domain(snap, resolve_cgroup(
+            snap, cg.hierarchy_path)))
+        assert decision.victim is not None and decision.victim.task.pid == parent.pid
+    finally:
+        parent.kill()
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        parent.wait(timeout=10)
