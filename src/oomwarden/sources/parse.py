@@ -104,14 +104,17 @@ _STATUS_KEYS = {
 }
 
 
-#: Fast path for status as Linux 4.5+ writes it: the header and the memory
-#: block in their fixed order. Anything else (older or newer layouts, odd
-#: input) goes through the line-by-line parser, which is the reference.
-_STATUS_HEAD = re.compile(rb"\nTgid:\t(\d+)\n.*?\nPPid:\t(\d+)\n.*?\nUid:\t(\d+)\t", re.S)
+#: Fast path for status exactly as Linux 4.19+ writes it: the header lines
+#: and the memory block in their fixed order, matched without backtracking.
+#: Anything else (other layouts, odd input) goes through the line-by-line
+#: parser, which is the reference; a property test holds the two together.
+_STATUS_HEAD = re.compile(
+    rb"\nTgid:\t(\d+)\nNgid:\t\d+\nPid:\t\d+\nPPid:\t(\d+)\nTracerPid:\t\d+\nUid:\t(\d+)\t"
+)
 _STATUS_MEM = re.compile(
-    rb"\nVmRSS:\s*(\d+) kB\nRssAnon:\s*(\d+) kB\nRssFile:\s*(\d+) kB\n"
-    rb"RssShmem:\s*(\d+) kB\n(?:Vm[A-Za-z]+:\s*\d+ kB\n){4}"
-    rb"VmPTE:\s*(\d+) kB\nVmSwap:\s*(\d+) kB\n"
+    rb"\nVmRSS:\s*\d+ kB\nRssAnon:\s*(\d+) kB\nRssFile:\s*(\d+) kB\n"
+    rb"RssShmem:\s*(\d+) kB\nVmData:\s*\d+ kB\nVmStk:\s*\d+ kB\nVmExe:\s*\d+ kB\n"
+    rb"VmLib:\s*\d+ kB\nVmPTE:\s*(\d+) kB\nVmSwap:\s*(\d+) kB\n"
 )
 _STATUS_NO_MM = re.compile(rb"\nVm[A-Za-z]+:")
 _STATUS_KTHREAD = re.compile(rb"\nKthread:\t([01])\n")
@@ -121,13 +124,14 @@ def parse_status(data: bytes) -> StatusFields:
     """Parse /proc/PID/status (only the keys oomwarden needs)."""
     head = _STATUS_HEAD.search(data)
     if head is not None and data.count(b"\nVmRSS:") <= 1:
-        mem = _STATUS_MEM.search(data, head.end())
+        at = data.find(b"\nVmRSS:", head.end())
+        mem = _STATUS_MEM.match(data, at) if at >= 0 else None
         kthread_m = _STATUS_KTHREAD.search(data, head.end())
         kthread = None if kthread_m is None else kthread_m.group(1) == b"1"
         try:
             if mem is not None:
                 tgid, ppid, uid = head.groups()
-                _rss, anon, file, shmem, pte, swap = mem.groups()
+                anon, file, shmem, pte, swap = mem.groups()
                 return StatusFields(
                     int(tgid), int(ppid), int(uid), True,
                     int(anon), int(file), int(shmem), int(swap), int(pte), kthread,
