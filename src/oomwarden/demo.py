@@ -82,6 +82,8 @@ def _confined(console: Console) -> int:
 
 def main() -> int:
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=140)  # as explain's own tables
     console.rule("[bold]1. the live machine: what the kernel would kill now")
     console.print("$ oomwarden explain --top 5")
     status = cli_main(["explain", "--top", "5"])
