@@ -34,7 +34,9 @@ import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -300,6 +302,34 @@ def _timed(job: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - t0, tasks
 
 
+def build_floor(workdir: str) -> str | None:
+    """Compile bench/procfs_floor.c; None (and a line saying why) without a compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "procfs_floor.c")
+    if cc is None:
+        print("C floor: no C compiler, not measured")
+        return None
+    exe = os.path.join(workdir, "procfs_floor")
+    done = subprocess.run([cc, "-O2", "-o", exe, source], capture_output=True, text=True,
+                          timeout=120, check=False)
+    if done.returncode != 0:
+        print(f"C floor: compiling failed, not measured: {done.stderr.strip()[:200]}")
+        return None
+    return exe
+
+
+def measure_floor(exe: str, reps: int) -> Timing:
+    """The C reader's own timing of one pass (process start-up excluded)."""
+    seconds: list[float] = []
+    tasks: list[int] = []
+    for _ in range(reps + 1):  # the first is the warm-up
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=60, check=True)
+        n, ns = out.stdout.split()
+        seconds.append(int(ns) / 1e9)
+        tasks.append(int(n))
+    return Timing(seconds[1:], tasks[1:])
+
+
 def measure(reps: int) -> tuple[Timing, Timing]:
     """One warm-up of each, then ``reps`` interleaved rounds (order alternating)."""
     oomwarden_rank()
@@ -320,6 +350,7 @@ class Result:
     extra: int
     ours: Timing
     base: Timing
+    floor: Timing | None
 
     @property
     def speedup(self) -> float:
@@ -333,16 +364,21 @@ def _row(label: str, t: Timing) -> str:
     )
 
 
-def run_one(extra: int, reps: int, sleep_bin: str) -> Result:
+def run_one(extra: int, reps: int, sleep_bin: str, floor_exe: str | None) -> Result:
     t0 = time.perf_counter()
     with sleepers(extra, sleep_bin):
         started = time.perf_counter() - t0
         print(f"N = {extra:,} extra sleeping tasks (started in {started:.1f} s), "
               f"median of {reps} after 1 warm-up:", flush=True)
         ours, base = measure(reps)
-    result = Result(extra, ours, base)
+        floor = measure_floor(floor_exe, reps) if floor_exe else None
+    result = Result(extra, ours, base, floor)
     print(_row("oomwarden", ours))
     print(_row("psutil", base))
+    if floor is not None:
+        print(_row("C reads", floor))
+        print(f"  ceiling    psutil / C reads = {base.median_ms / floor.median_ms:.2f} "
+              "(the most any reader of these three files could gain)")
     print(f"  ratio      psutil / oomwarden = {result.speedup:.2f}", flush=True)
     return result
 
@@ -391,6 +427,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"timed repetitions per N (default {DEFAULT_REPS}, --quick {QUICK_REPS}; min 5)",
     )
     parser.add_argument(
+        "--no-floor", action="store_true",
+        help="skip the C reference reader (bench/procfs_floor.c)",
+    )
+    parser.add_argument(
         "--check", action="store_true",
         help=f"exit 1 unless the speed-up is >= {TARGET_SPEEDUP:g}x and N = {TARGET_N:,} "
         f"takes < {TARGET_MS:g} ms",
@@ -419,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"oomwarden snapshot benchmark: kernel {os.uname().release}, "
               f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
               f"psutil {psutil.__version__}")
-        results = [run_one(n, reps, sleep_bin) for n in sizes]
+        with tempfile.TemporaryDirectory(prefix="oomwarden-bench-") as workdir:
+            floor_exe = None if args.no_floor else build_floor(workdir)
+            results = [run_one(n, reps, sleep_bin, floor_exe) for n in sizes]
     except BenchError as e:
         print(f"bench/snapshot.py: {e}", file=sys.stderr)
         return 2
