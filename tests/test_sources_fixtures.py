@@ -809,18 +809,31 @@ def test_cli_table_non_utf8_cgroup_name(
     assert "victim: pid 10" in out
 
 
-def test_malformed_cgroup_file_skips_that_cgroup(tree: FakeTree) -> None:
-    """One odd memory.stat must not cost every decision: the cgroup is skipped,
-    counted and named; the processes are still ranked."""
+def test_malformed_informational_cgroup_file_empties_only_that_field(tree: FakeTree) -> None:
+    """One odd memory.stat must not cost every decision, nor the cgroup: it is
+    kept with an empty stat, and the problem is counted and named."""
     tree.write()
     (tree.root / "sys/fs/cgroup/memory/job/memory.stat").write_bytes(b"cache one two\n")
     s = build_snapshot(tcfg(tree))
-    assert s.cgroup(V1, "/job") is None and s.cgroup(V1, "/") is not None
-    assert s.skipped_cgroups == 1 and "memory.stat" in s.problems[-1]
-    assert get(s, 300).memcg_v1 == "/job"  # from the process's own cgroup file
+    job = s.cgroup(V1, "/job")
+    assert job is not None and job.stat == {} and job.limit == 512 * 1024**2
+    assert (s.skipped_cgroups, s.degraded_cgroups) == (0, 1)
+    assert "memory.stat" in s.cgroup_problems[0] and s.problems == ()
     decision = kernel_decision(s, system_domain(s))
     assert decision.victim is not None
-    assert any("1 cgroups were skipped" in n for n in decision.notes)
+    assert any("1 cgroup files ignored" in n for n in decision.notes)
+
+
+def test_malformed_limit_leaves_the_cgroup_out_but_not_its_children(tree: FakeTree) -> None:
+    tree.v1("/job/inner", limit=64 * 1024**2)
+    tree.write()
+    (tree.root / "sys/fs/cgroup/memory/job/memory.limit_in_bytes").write_bytes(b"lots\n")
+    s = build_snapshot(tcfg(tree))
+    assert s.cgroup(V1, "/job") is None and s.skipped_cgroups == 1
+    inner = s.cgroup(V1, "/job/inner")
+    assert inner is not None and inner.limit == 64 * 1024**2
+    assert "memory.limit_in_bytes" in s.cgroup_problems[0]
+    assert get(s, 300).memcg_v1 == "/job"  # from the process's own cgroup file
 
 
 def test_cgroup_stat_can_be_left_out(tree: FakeTree) -> None:

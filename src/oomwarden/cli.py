@@ -135,18 +135,25 @@ def cmd_explain(args: argparse.Namespace) -> int:
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 127: "\\x7f"}
 
 
+def _out_encoding() -> str:
+    return getattr(sys.stdout, "encoding", None) or "utf-8"
+
+
 def literal(text: str) -> Text:
     """Process and cgroup names as literal, printable text: never Rich markup
-    (anyone can name a process ``[red]``), control characters escaped, and
-    undecodable bytes (surrogate-escaped) shown as ``\\xff``."""
+    (anyone can name a process ``[red]``), control characters escaped,
+    undecodable bytes (surrogate-escaped) shown as ``\\xff``, and characters
+    the output's encoding lacks shown as escapes too."""
     safe = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    encoding = _out_encoding()
+    safe = safe.encode(encoding, "backslashreplace").decode(encoding)
     return Text(safe.translate(_CONTROL))
 
 
 def _short_path(path: str | None, width: int = 28) -> str:
     if path is None:
         return "?"
-    return path if len(path) <= width else "…" + path[-(width - 1):]
+    return path if len(path) <= width else "..." + path[-(width - 3):]
 
 
 def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top: int) -> None:
@@ -214,6 +221,9 @@ def _silence_stdout() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        sys.stderr.write("oomwarden: error: standard output is closed\n")
+        return EXIT_USAGE
     try:
         if args.command == "explain":
             return cmd_explain(args)

@@ -31,18 +31,26 @@ def resolve_cgroup(snapshot: Snapshot, spec: str) -> Cgroup:
     text = text.removeprefix("cgroup:")
     if not text.strip():
         raise CgroupNotFound(f"no path in cgroup {spec!r}")
-    # A filesystem path below a mount point?
+    # A filesystem path below a mount point? The resolved path first (it
+    # settles "..", symlinks), then the text as given.
     real = os.path.realpath(text) if os.path.isabs(text) else text
-    for h in snapshot.hierarchies:
-        mount = h.mount_point.rstrip("/")
-        for candidate in (text, real):
-            if candidate == mount or candidate.startswith(mount + "/"):
-                rel = candidate[len(mount):]
-                inner = _normalise(h.root.rstrip("/") + "/" + rel.lstrip("/"))
-                cg = snapshot.cgroup(h.kind, inner)
-                if cg is not None and h.kind in kinds:
-                    return cg
-                raise CgroupNotFound(f"no cgroup at {spec} (looked for {h.kind.value}:{inner})")
+    looked: list[str] = []
+    for candidate in dict.fromkeys((real, text)):
+        for h in snapshot.hierarchies:
+            mount = h.mount_point.rstrip("/")
+            if not (candidate == mount or candidate.startswith(mount + "/")):
+                continue
+            inner = _normalise(h.root.rstrip("/") + "/" + candidate[len(mount):].lstrip("/"))
+            if h.kind not in kinds:
+                asked = "/".join(k.value for k in kinds)
+                looked.append(f"{h.kind.value}:{inner}, not on the {asked} hierarchy asked for")
+                continue
+            cg = snapshot.cgroup(h.kind, inner)
+            if cg is not None:
+                return cg
+            looked.append(f"{h.kind.value}:{inner}")
+    if looked:
+        raise CgroupNotFound(f"no cgroup at {spec} (looked for {'; '.join(looked)})")
     inner = _normalise(text)
     found = [c for k in kinds if (c := snapshot.cgroup(k, inner)) is not None]
     with_memory = [c for c in found if c.memory_controller]

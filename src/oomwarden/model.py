@@ -252,9 +252,13 @@ class Snapshot:
     skipped_unreadable: int = 0
     #: Processes whose files did not parse (skipped, with the first messages).
     skipped_unparsable: int = 0
-    #: Cgroups whose files did not parse (skipped; their messages in problems).
-    skipped_cgroups: int = 0
+    #: The first messages about processes that did not parse.
     problems: tuple[str, ...] = ()
+    #: Cgroups left out because a deciding file did not parse (their children
+    #: are kept), and cgroups kept with an informational file left empty.
+    skipped_cgroups: int = 0
+    degraded_cgroups: int = 0
+    cgroup_problems: tuple[str, ...] = ()
 
     def task(self, pid: int) -> Task | None:
         for t in self.tasks:

@@ -55,6 +55,7 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
             pid: i for c in snapshot.cgroups if c.kind is HierarchyKind.V2
             for i, pid in enumerate(c.pids)
         }
+    unlisted = len(listed)
     ranked: list[tuple[int, tuple[int, int, int, int], Candidate]] = []
     excluded: list[Candidate] = []
     for task in domain.tasks(snapshot):
@@ -65,7 +66,9 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
             continue
         group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
         ranked.append(
-            (points, (group, listed.get(task.pid, 0), task.start_ticks, task.pid),
+            # Not listed (born after the walk): the kernel adds new tasks at
+            # the tail, so it meets them after every listed one.
+            (points, (group, listed.get(task.pid, unlisted), task.start_ticks, task.pid),
              Candidate(task, "select", points, (), total))
         )
     # Most points first; among equal points the one the kernel meets last wins.
@@ -89,10 +92,11 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
         notes.append(
             f"{snapshot.skipped_unreadable} processes could not be read and are not ranked"
         )
-    if snapshot.skipped_cgroups:
+    if snapshot.skipped_cgroups or snapshot.degraded_cgroups:
         notes.append(
-            f"{snapshot.skipped_cgroups} cgroups were skipped: their files did not parse "
-            f"({'; '.join(snapshot.problems[-2:])})"
+            f"{snapshot.skipped_cgroups} cgroups were left out and "
+            f"{snapshot.degraded_cgroups} cgroup files ignored: they did not parse "
+            f"({'; '.join(snapshot.cgroup_problems[:2])})"
         )
     if snapshot.skipped_unparsable:
         first = "; ".join(snapshot.problems[:2])

@@ -24,10 +24,14 @@ off by the per-CPU slack (at most ``nr_cpus * max(32, 2 * nr_cpus)`` pages).
 ``points >= chosen_points``: among equal points the task met *last* wins. The
 system walk is ``for_each_process`` (creation order); a memcg walk is
 ``mem_cgroup_scan_tasks`` (the cgroups of the subtree in pre-order, creation
-order among siblings). We order by (cgroup pre-order index, start time, pid):
-start time has clock-tick resolution, so two processes started in the same
-tick are ordered by pid, which is creation order unless PIDs wrapped between
-them. Not visible from user space and so not modelled: MMF_OOM_SKIP (already
+order among siblings, and each cgroup's tasks in css_task_iter order). The
+engine orders by (cgroup pre-order index, position in the cgroup's v2
+``cgroup.procs`` (css_task_iter order; v1 sorts that file, so it is not
+used there), start time, pid): start time has clock-tick resolution, so two
+processes started in the same tick are ordered by pid, which is creation
+order unless PIDs wrapped between them.
+
+Not visible from user space and so not modelled: MMF_OOM_SKIP (already
 reaped), oom_task_origin (swapoff/KSM) and cpuset/mempolicy constraints.
 ``in_vfork()`` is detected where the reader can: a child that shares its
 parent's mm (``kcmp(KCMP_VM)``) while the parent waits in state D.
@@ -151,13 +155,3 @@ def memcg_totalpages(cg: Cgroup, system: SystemMemory) -> int:
         swap_max = unlimited_pages if cg.swap_max is None else cg.swap_max // psize
         total += min(swap_max, total_swap)
     return total or 1
-
-
-def scan_key(task: Task, cgroup_order: dict[str, int] | None = None, path: str | None = None) -> (
-    tuple[int, int, int]
-):
-    """Position in the kernel's scan: later positions win ties."""
-    group = 0
-    if cgroup_order is not None and path is not None:
-        group = cgroup_order.get(path, 0)
-    return (group, task.start_ticks, task.pid)

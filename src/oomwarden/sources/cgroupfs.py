@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from oomwarden.errors import ParseError, SourceError
 from oomwarden.model import (
@@ -39,6 +41,8 @@ MAX_CGROUPS = 100_000
 MAX_DEPTH = 64
 #: How many parse problems a walk keeps word for word.
 MAX_PROBLEMS = 5
+
+_T = TypeVar("_T")
 
 
 def reroot(fs_root: str, path: str) -> str:
@@ -129,6 +133,39 @@ def _opt_limit(
     return None if data is None else parse_limit(data, name, unlimited)
 
 
+@dataclass
+class WalkReport:
+    """What a cgroup walk could not use, for notes and counts."""
+
+    #: Cgroups left out because a file that matters (a limit, usage,
+    #: oom_control, cgroup.procs) did not parse. Their children are still read.
+    skipped: int = 0
+    #: Informational files (memory.stat, memory.events, memory.pressure) that
+    #: did not parse; the cgroup is kept with that field empty or None.
+    degraded: int = 0
+    #: The first messages, word for word.
+    problems: list[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(message)
+
+
+def _informational(
+    fs_path: str, report: WalkReport | None, parse: Callable[[], _T], empty: _T
+) -> _T:
+    """Parse a file that informs but decides nothing; a bad one is reported,
+    not fatal (strict, raising, when there is no report to write to)."""
+    try:
+        return parse()
+    except ParseError as e:
+        if report is None:
+            raise
+        report.degraded += 1
+        report.note(f"{fs_path}: {e}")
+        return empty
+
+
 def _opt_pressure(read: Callable[[str], bytes | None]) -> Pressure | None:
     data = read("memory.pressure")
     if data is None:
@@ -144,19 +181,34 @@ def _pids(read: Callable[[str], bytes | None]) -> tuple[int, ...]:
 
 
 def read_cgroup(
-    hierarchy: Hierarchy, path: str, fs_path: str, *, psize: int = 4096, with_stat: bool = True
+    hierarchy: Hierarchy,
+    path: str,
+    fs_path: str,
+    *,
+    psize: int = 4096,
+    with_stat: bool = True,
+    report: WalkReport | None = None,
 ) -> Cgroup:
-    """Read one cgroup directory. Missing files are None (unknown)."""
+    """Read one cgroup directory. Missing files are None (unknown).
+
+    With a ``report``, a malformed memory.stat, memory.events or
+    memory.pressure is noted there and left empty; without one it raises."""
     try:
         inode = os.stat(fs_path).st_ino
     except OSError as e:
         raise SourceError(f"cannot stat cgroup {fs_path}: {e.strerror}") from None
     read = _reader(fs_path)
     unlimited = page_counter_max_bytes(psize)
+    stat_data = read("memory.stat") if with_stat else None
+    stat: Mapping[str, int] = _informational(
+        fs_path, report,
+        lambda: parse_flat_keyed(stat_data, "memory.stat") if stat_data is not None else {},
+        {},
+    )
+    pressure = _informational(fs_path, report, lambda: _opt_pressure(read), None)
     try:
         if hierarchy.kind is HierarchyKind.V1:
             oom = read("memory.oom_control")
-            stat = read("memory.stat") if with_stat else None
             swappiness = _opt_int(read, "memory.swappiness")
             use_hier = _opt_int(read, "memory.use_hierarchy")
             return Cgroup(
@@ -174,12 +226,17 @@ def read_cgroup(
                 oom_control=None if oom is None else parse_oom_control(oom),
                 swappiness=swappiness,
                 use_hierarchy=None if use_hier is None else bool(use_hier),
-                stat=parse_flat_keyed(stat, "memory.stat") if stat is not None else {},
-                pressure=_opt_pressure(read),
+                stat=stat,
+                pressure=pressure,
                 pids=_pids(read),
             )
-        events = read("memory.events")
-        stat = read("memory.stat") if with_stat else None
+        events_data = read("memory.events")
+        events: Mapping[str, int] = _informational(
+            fs_path, report,
+            lambda: (parse_flat_keyed(events_data, "memory.events")
+                     if events_data is not None else {}),
+            {},
+        )
         oom_group = _opt_int(read, "memory.oom.group")
         current = _opt_int(read, "memory.current")
         is_root = path == "/"
@@ -198,11 +255,11 @@ def read_cgroup(
             swap_current=_opt_int(read, "memory.swap.current"),
             swap_max=_opt_limit(read, "memory.swap.max", unlimited),
             oom_group=None if oom_group is None else bool(oom_group),
-            events=parse_flat_keyed(events, "memory.events") if events is not None else {},
+            events=events,
             has_kill=os.path.exists(os.path.join(fs_path, "cgroup.kill")),
             has_freeze=os.path.exists(os.path.join(fs_path, "cgroup.freeze")),
-            stat=parse_flat_keyed(stat, "memory.stat") if stat is not None else {},
-            pressure=_opt_pressure(read),
+            stat=stat,
+            pressure=pressure,
             pids=_pids(read),
         )
     except ParseError as e:
@@ -220,7 +277,7 @@ def walk_hierarchy(
     *,
     psize: int = 4096,
     below: str | None = None,
-    problems: list[str] | None = None,
+    report: WalkReport | None = None,
     with_stat: bool = True,
 ) -> list[Cgroup]:
     """Every cgroup of ``hierarchy`` in pre-order (children by inode, i.e. by
@@ -228,8 +285,9 @@ def walk_hierarchy(
 
     A cgroup removed during the walk is skipped (a normal race): its
     directory must still be there, with the same inode, after its files were
-    read. A cgroup whose files do not parse is skipped too, and the message
-    goes to ``problems``: one odd file must not cost every decision.
+    read. A cgroup whose deciding files do not parse is left out (its
+    children are still read), and an odd informational file only empties its
+    field; both go to ``report``: one odd file must not cost every decision.
     ``below``, a path inside the hierarchy, limits the walk to that subtree.
     ``with_stat=False`` leaves out memory.stat (costly on v2 with many cgroups).
     """
@@ -240,22 +298,28 @@ def walk_hierarchy(
         if hierarchy.root != "/" and not below.startswith(prefix):
             return out
         start_rel = below[len(prefix) :] if hierarchy.root != "/" else below.lstrip("/")
+    report = report if report is not None else WalkReport()
     stack: list[tuple[str, int]] = [(start_rel, 0)]
-    while stack and len(out) < MAX_CGROUPS:
+    visited = 0
+    while stack and visited < MAX_CGROUPS:
+        visited += 1
         rel, depth = stack.pop()
         fs_path = _join(hierarchy.mount_point, rel)
         path = _join(hierarchy.root, rel) if rel else hierarchy.root
         try:
-            cg = read_cgroup(hierarchy, path, fs_path, psize=psize, with_stat=with_stat)
-            if os.stat(fs_path).st_ino != cg.inode:
+            cg: Cgroup | None = read_cgroup(
+                hierarchy, path, fs_path, psize=psize, with_stat=with_stat, report=report
+            )
+            if cg is not None and os.stat(fs_path).st_ino != cg.inode:
                 continue  # removed (and perhaps made again) while we read it
         except (SourceError, OSError):
             continue
         except ParseError as e:
-            if problems is not None and len(problems) < MAX_PROBLEMS:
-                problems.append(str(e))
-            continue
-        out.append(cg)
+            report.skipped += 1
+            report.note(str(e))
+            cg = None  # left out, but its children are still walked
+        if cg is not None:
+            out.append(cg)
         if depth >= MAX_DEPTH:
             continue
         try:

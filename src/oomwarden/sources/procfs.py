@@ -79,8 +79,9 @@ class ReadOptions:
 class CgroupMap:
     """pid -> cgroup paths from the cgroups' ``cgroup.procs``.
 
-    A process missing from a mounted hierarchy's map (born after the walk, or
-    moved) is looked up in its own ``/proc/PID/cgroup`` by the caller.
+    A process missing from a mounted hierarchy's map (born after the walk) is
+    looked up in its own ``/proc/PID/cgroup`` by the caller. (A process moved
+    during the walk keeps the cgroup the walk saw it in.)
     """
 
     v1: dict[int, str] | None
@@ -237,8 +238,8 @@ def read_task(
         if cgroup_map is not None:
             memcg_v1, cgroup_v2, complete = cgroup_map.lookup(stat.pid)
             if not complete:
-                # Born after the cgroup walk, or moved: ask the process itself,
-                # through the same pid fd (a recycled PID cannot answer).
+                # Born after the cgroup walk: ask the process itself, through
+                # the same pid fd (a recycled PID cannot answer).
                 memcg_v1, cgroup_v2 = cgroup_map.complete(
                     memcg_v1, cgroup_v2, _cgroup_file(pid_fd)
                 )
@@ -361,10 +362,10 @@ def read_tasks(
                 stats.unparsable += 1
                 if len(stats.problems) < MAX_PROBLEMS:
                     stats.problems.append(f"{proc_root}/{name}: {e}")
+        if live:
+            tasks = mark_vfork_children(tasks, proc_fd)
     finally:
         os.close(proc_fd)
-    if live:
-        tasks = mark_vfork_children(tasks)
     return tasks
 
 
@@ -383,24 +384,43 @@ def is_live_procfs(proc_root: str) -> bool:
 
 def initial_pidns(proc_fd: int) -> bool:
     """Whether this procfs shows the initial PID namespace, where pid 1 is the
-    global init. Unknown (no access) counts as yes: init is never a victim."""
-    for link in ("self/ns/pid", "1/ns/pid"):
-        try:
-            target = os.readlink(link, dir_fd=proc_fd)
-        except OSError:
-            continue
-        return target == f"pid:[{PROC_PID_INIT_INO}]"
+    global init. Unknown counts as yes: init is never a victim.
+
+    ``1/ns/pid`` (pid 1 lives in the namespace the procfs shows) answers for
+    sure, but needs ptrace access to pid 1. ``self/ns/pid`` is the *reader's*
+    namespace: it answers only when the reader lives in the procfs's own
+    namespace, i.e. its ``NSpid`` line has one entry (a reader in a child
+    namespace looking at the host's /proc has two or more).
+    """
+    init_ns = f"pid:[{PROC_PID_INIT_INO}]"
+    try:
+        return os.readlink("1/ns/pid", dir_fd=proc_fd) == init_ns
+    except OSError:
+        pass
+    try:
+        status = read_at(proc_fd, "self/status")
+        target = os.readlink("self/ns/pid", dir_fd=proc_fd)
+    except OSError:
+        return True
+    for line in status.split(b"\n"):
+        if line.startswith(b"NSpid:"):
+            if len(line.split()) == 2:  # "NSpid:" and one pid
+                return target == init_ns
+            return True
     return True
 
 
-def mark_vfork_children(tasks: list[Task]) -> list[Task]:
+def mark_vfork_children(tasks: list[Task], proc_fd: int) -> list[Task]:
     """Mark vfork children that still share their parent's mm.
 
     ``oom_badness()`` skips them (``in_vfork()``): the mm is the parent's and
     killing the child frees nothing, while ``/proc`` shows the child with all
     of the parent's memory (and it would win a tie against the parent). A
-    candidate is a child with the parent's counters whose parent waits in
-    state D; ``kcmp(KCMP_VM)`` then confirms the shared mm.
+    candidate is a child with its parent's counters; ``kcmp(KCMP_VM)`` then
+    confirms the shared mm, and one of the parent's threads (any of them:
+    vfork may be called from a worker thread) must wait in state D. A child
+    that shares the mm through a plain ``clone(CLONE_VM)`` while a parent
+    thread happens to be in D would be taken for a vfork child (rare).
     """
     by_pid = {t.pid: t for t in tasks}
     out = tasks
@@ -408,16 +428,35 @@ def mark_vfork_children(tasks: list[Task]) -> list[Task]:
         parent = by_pid.get(t.ppid)
         if (
             parent is None
-            or parent.state != "D"
             or not t.has_mm
             or (t.oom_rss, t.pgtables) != (parent.oom_rss, parent.pgtables)
         ):
             continue
-        if shares_mm(t.pid, parent.pid):
+        if shares_mm(t.pid, parent.pid) and _a_thread_waits(proc_fd, parent):
             if out is tasks:
                 out = list(tasks)
             out[i] = replace(t, in_vfork=True)
     return out
+
+
+def _a_thread_waits(proc_fd: int, task: Task) -> bool:
+    """Is any thread of ``task`` in state D (as the vfork parent's caller is)?"""
+    if task.state == "D":
+        return True
+    try:
+        task_dir = os.open(f"{task.pid}/task", _DIR_FLAGS, dir_fd=proc_fd)
+    except OSError:
+        return False
+    try:
+        for tid in os.listdir(task_dir):
+            try:
+                if parse_stat(read_at(task_dir, f"{tid}/stat")).state == "D":
+                    return True
+            except (OSError, ParseError):
+                continue
+    finally:
+        os.close(task_dir)
+    return False
 
 
 def with_details(proc_root: str, task: Task) -> Task:
@@ -436,14 +475,6 @@ def with_details(proc_root: str, task: Task) -> Task:
     finally:
         os.close(pid_fd)
     return replace(task, exe=exe, cmdline=cmdline)
-
-
-def read_cgroup_of(proc_root: str, pid: int) -> tuple[str | None, str | None]:
-    """(v1 memory path, v2 path) of one process from /proc/PID/cgroup."""
-    try:
-        return parse_proc_cgroup(read_file(f"{proc_root}/{pid}/cgroup"))
-    except OSError:
-        return None, None
 
 
 def read_system(proc_root: str = "/proc", *, psize: int | None = None) -> SystemMemory:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from oomwarden.errors import SourceError
 from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
-from oomwarden.sources.cgroupfs import find_hierarchies, walk_hierarchy
+from oomwarden.sources.cgroupfs import WalkReport, find_hierarchies, walk_hierarchy
 from oomwarden.sources.procfs import (
     CgroupMap,
     ReadOptions,
@@ -54,14 +54,14 @@ def build_snapshot(
     psize = config.page_size or page_size()
     hierarchies: tuple[Hierarchy, ...] = ()
     cgroups: list[Cgroup] = []
-    cgroup_problems: list[str] = []
+    walk = WalkReport()
     if config.cgroups:
         hierarchies = find_hierarchies(
             config.proc_root, config.fs_root, verify=config.verify_fs
         )
         for h in hierarchies:
             cgroups.extend(walk_hierarchy(
-                h, psize=psize, problems=cgroup_problems, with_stat=config.cgroup_stat
+                h, psize=psize, report=walk, with_stat=config.cgroup_stat
             ))
     system = read_system(config.proc_root, psize=psize)
     stats = ReadStats()
@@ -82,8 +82,10 @@ def build_snapshot(
         skipped_gone=stats.gone,
         skipped_unreadable=stats.unreadable,
         skipped_unparsable=stats.unparsable,
-        problems=tuple(stats.problems + cgroup_problems),
-        skipped_cgroups=len(cgroup_problems),
+        problems=tuple(stats.problems),
+        skipped_cgroups=walk.skipped,
+        degraded_cgroups=walk.degraded,
+        cgroup_problems=tuple(walk.problems),
     )
 
 
