@@ -10,10 +10,10 @@
 
 ``get_mm_rss()`` reads the per-CPU rss counters without summing them; it is
 ``/proc/PID/stat`` field 24 (``Task.oom_rss``), not the exact sums that
-``/proc/PID/status`` shows since Linux 6.16. On this machine the kernel's
-``oom_score`` agreed with the stat value in 150 of 150 processes whose two
-values fell on different sides of a score step, and with the status value in
-none. The swap term has no such unsummed source: with swap in use it may be
+``/proc/PID/status`` shows since Linux 6.16 (see
+``test_kernel_ranks_by_unsummed_rss_like_us``: the kernel's ``oom_score``
+follows the stat value where the two fall on different sides of a step).
+The swap term has no such unsummed source: with swap in use it may be
 off by the per-CPU slack (at most ``nr_cpus * max(32, 2 * nr_cpus)`` pages).
 
 ``/proc/PID/oom_score`` scales that for the system domain:
