@@ -296,11 +296,14 @@ def _read_extras(
     exe: str | None = None
     cmdline: tuple[str, ...] | None = None
     if options.oom_score:
+        # Shown beside our own score, never used to rank: a bad one is unknown.
         try:
             kernel_score = parse_single_int(read_at(pid_fd, "oom_score"), "oom_score")
         except OSError as e:
             if e.errno in _GONE:
                 raise TaskGone(f"process {name} exited") from None
+        except ParseError:
+            kernel_score = None
     if options.details:
         exe, cmdline = _read_details(pid_fd)
     return kernel_score, exe, cmdline
