@@ -841,3 +841,18 @@ def test_cgroup_stat_can_be_left_out(tree: FakeTree) -> None:
     s = build_snapshot(tcfg(tree, cgroup_stat=False))
     job = s.cgroup(V1, "/job")
     assert job is not None and job.stat == {} and job.limit == 512 * 1024**2
+
+
+def test_status_longer_than_one_read(tree: FakeTree) -> None:
+    """A process in thousands of supplementary groups has a status file larger
+    than one read: its memory lines come after them and must not be lost."""
+    tree.write()
+    status = tree.proc / "300/status"
+    text = status.read_bytes()
+    groups = b"Groups:\t" + b" ".join(str(g).encode() for g in range(10_000, 14_000)) + b"\n"
+    at = text.index(b"\nNStgid:") + 1
+    status.write_bytes(text[:at] + groups + text[at:])
+    assert status.stat().st_size > 16384
+    s = build_snapshot(tcfg(tree))
+    job = get(s, 300)
+    assert job.has_mm and job.rss_anon == 10_000 and job.pgtables == 30

@@ -30,7 +30,6 @@ from oomwarden.sources.parse import (
 )
 
 _GONE = (errno.ENOENT, errno.ESRCH)
-_DENIED = (errno.EACCES, errno.EPERM)
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _DIR_FLAGS = _OPEN_FLAGS | os.O_DIRECTORY
 _CHUNK = 16384
@@ -208,6 +207,9 @@ def read_task(
             fd = _open("status", _OPEN_FLAGS, dir_fd=pid_fd)
             try:
                 status_data = _read(fd, _CHUNK)
+                if len(status_data) == _CHUNK:  # thousands of groups: read it all
+                    while more := _read(fd, _CHUNK):
+                        status_data += more
             finally:
                 _close(fd)
             fd = _open("oom_score_adj", _OPEN_FLAGS, dir_fd=pid_fd)
