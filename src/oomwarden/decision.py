@@ -8,10 +8,11 @@ the kernel policy decided instead of the configured one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
+from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
 from oomwarden.policy.kernel import badness as kernel_badness
 from oomwarden.policy.kernel import oom_score as kernel_oom_score
 from oomwarden.units import fmt_bytes
@@ -62,6 +63,8 @@ class Candidate:
     #: Set when ``points`` are the kernel's badness in a domain of this many
     #: pages: the kernel-scale score and the badness terms derive from it.
     totalpages: int | None = None
+    #: For another policy: what the kernel's badness would have been.
+    kernel_points: int | None = None
 
     @property
     def oom_score(self) -> int | None:
@@ -125,6 +128,8 @@ class Candidate:
         }
         if self.oom_score is not None:
             out["oom_score"] = self.oom_score
+        if self.totalpages is None:
+            out["kernel_points"] = self.kernel_points
         if t.kernel_oom_score is not None:
             out["kernel_oom_score"] = t.kernel_oom_score
         if t.exe is not None:
@@ -145,6 +150,16 @@ class Decision:
     victim: Candidate | None
     fallback: str | None = None
     notes: tuple[str, ...] = ()
+    #: What started the decision ("explain", "oom", "pressure", ...).
+    trigger: str = "explain"
+    #: What to do: the victim's kill, or a handler's actions.
+    actions: tuple[Action, ...] = ()
+    #: The policy stopped the search (ABORT): kill nothing this time.
+    aborted: bool = False
+    #: Seconds spent in the policy's own code (None for the kernel fast path).
+    policy_seconds: float | None = None
+    #: What a selected task stands for: the process, its tree, or its cgroup.
+    victim_kind: str = "process"
 
     @property
     def selectable(self) -> tuple[Candidate, ...]:
@@ -165,4 +180,20 @@ class Decision:
             "selectable": len(self.selectable),
             "fallback": self.fallback,
             "notes": list(self.notes),
+            "trigger": self.trigger,
+            "victim_kind": self.victim_kind,
+            "actions": [action_to_json(a) for a in self.actions],
+            "aborted": self.aborted,
+            "policy_ms": None if self.policy_seconds is None else self.policy_seconds * 1000,
         }
+
+
+def action_to_json(action: Action) -> dict[str, Any]:
+    """``{"action": "kill_process", ...fields}``."""
+    names = {KillProcess: "kill_process", KillCgroup: "kill_cgroup",
+             DeleteFiles: "delete_files", RunHook: "run_hook"}
+    out: dict[str, Any] = {"action": names[type(action)]}
+    for f in fields(action):
+        value = getattr(action, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out

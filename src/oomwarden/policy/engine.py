@@ -6,6 +6,7 @@ Pure: reads a :class:`Snapshot` and a :class:`Domain`, returns a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from oomwarden.decision import Candidate, Decision, Domain
@@ -42,21 +43,36 @@ def _task_cgroup(task: Task, domain: Domain) -> str | None:
     return task.memcg_v1 if cg.kind is HierarchyKind.V1 else task.cgroup_v2
 
 
-def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
-    """``select_bad_process()`` over the domain's tasks, with reasons."""
-    total = domain.totalpages
+ScanKey = tuple[int, int, int, int]
+
+
+def scan_order(snapshot: Snapshot, domain: Domain) -> Callable[[Task], ScanKey]:
+    """The position at which the kernel's scan meets a task (later is larger):
+    cgroup pre-order index, then, on v2, the position in ``cgroup.procs``
+    (css_task_iter order; v1 sorts that file), then start time and pid."""
     order = _cgroup_order(snapshot, domain) if domain.cgroup is not None else None
-    # On v2, cgroup.procs lists a cgroup's processes in the kernel's own
-    # css_task_iter order, the order mem_cgroup_scan_tasks meets them; v1
-    # sorts the list, so there (and for the system) start time stands in.
     listed: dict[int, int] = {}
     if domain.cgroup is not None and domain.cgroup.kind is HierarchyKind.V2:
         listed = {
             pid: i for c in snapshot.cgroups if c.kind is HierarchyKind.V2
             for i, pid in enumerate(c.pids)
         }
+    # Not listed (born after the walk): the kernel adds new tasks at the tail,
+    # so it meets them after every listed one.
     unlisted = len(listed)
-    ranked: list[tuple[int, tuple[int, int, int, int], Candidate]] = []
+
+    def key(task: Task) -> ScanKey:
+        group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
+        return (group, listed.get(task.pid, unlisted), task.start_ticks, task.pid)
+
+    return key
+
+
+def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
+    """``select_bad_process()`` over the domain's tasks, with reasons."""
+    total = domain.totalpages
+    key = scan_order(snapshot, domain)
+    ranked: list[tuple[int, ScanKey, Candidate]] = []
     excluded: list[Candidate] = []
     for task in domain.tasks(snapshot):
         points = badness_points(task, total)
@@ -64,13 +80,7 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
             why = unkillable_reason(task) or "unkillable"
             excluded.append(Candidate(task, "unkillable", None, (why,), total))
             continue
-        group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
-        ranked.append(
-            # Not listed (born after the walk): the kernel adds new tasks at
-            # the tail, so it meets them after every listed one.
-            (points, (group, listed.get(task.pid, unlisted), task.start_ticks, task.pid),
-             Candidate(task, "select", points, (), total))
-        )
+        ranked.append((points, key(task), Candidate(task, "select", points, (), total)))
     # Most points first; among equal points the one the kernel meets last wins.
     ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
     candidates = [r[2] for r in ranked]

@@ -1,36 +1,45 @@
-"""Policies: the pure decision core.
+"""Policy SPECs: a built-in name, a ``.py`` policy module, or a ``.toml`` rules file.
 
-A policy SPEC is a built-in name. This foundation ships ``kernel``, the exact
-replica of the kernel's ``oom_badness()`` / ``select_bad_process()``; other
-built-ins, Python policy modules and TOML rules plug in here.
+``load_policy(spec)`` turns a SPEC into a :class:`~oomwarden.policy.api.Policy`
+or raises :class:`PolicyError` naming what is wrong and where.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
-from oomwarden.decision import Decision, Domain
 from oomwarden.errors import PolicyError
-from oomwarden.model import Snapshot
-from oomwarden.policy.engine import kernel_decision
+from oomwarden.policy.api import Policy
 
-Policy = Callable[[Snapshot, Domain], Decision]
+KERNEL = Policy(
+    name="kernel",
+    kernel=True,
+    description="the kernel's own choice, replicated exactly (oom_badness)",
+)
 
-BUILTINS: dict[str, Policy] = {
-    "kernel": kernel_decision,
-}
+
+def builtins() -> dict[str, Policy]:
+    """Every built-in policy by name."""
+    from oomwarden.policy.builtin import BUILTINS  # noqa: PLC0415 (builtin imports the API)
+
+    return {"kernel": KERNEL, **BUILTINS}
 
 
 def load_policy(spec: str) -> Policy:
-    """The policy named by ``spec``; :class:`PolicyError` if there is none."""
-    if spec in BUILTINS:
-        return BUILTINS[spec]
-    if spec.endswith((".py", ".toml")) or os.sep in spec:
-        if not os.path.exists(spec):
-            raise PolicyError(f"policy file {spec} does not exist")
-        raise PolicyError(
-            f"policy file {spec}: policy files are not supported yet (built-ins: "
-            f"{', '.join(sorted(BUILTINS))})"
-        )
-    raise PolicyError(f"unknown policy {spec!r} (built-ins: {', '.join(sorted(BUILTINS))})")
+    """The policy a SPEC names; :class:`PolicyError` if there is none."""
+    known = builtins()
+    if spec in known:
+        return known[spec]
+    if spec.endswith(".toml"):
+        from oomwarden.policy.rules import load_rules  # noqa: PLC0415
+
+        return load_rules(spec)
+    if spec.endswith(".py"):
+        from oomwarden.policy.loader import load_module  # noqa: PLC0415
+
+        return load_module(spec)
+    if os.sep in spec and not os.path.exists(spec):
+        raise PolicyError(f"policy file {spec} does not exist")
+    raise PolicyError(
+        f"unknown policy {spec!r} (built-ins: {', '.join(sorted(known))}; or a .py or .toml file)"
+    )
