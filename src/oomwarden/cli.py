@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import NoReturn
@@ -19,17 +20,25 @@ from rich.table import Table
 from rich.text import Text
 
 from oomwarden import __version__
-from oomwarden.decision import Candidate, Decision
+from oomwarden.decision import Candidate, Decision, action_to_json
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
 from oomwarden.model import Snapshot
+from oomwarden.policy.api import Action
+from oomwarden.policy.budget import signal_guard
+from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
+from oomwarden.policy.history import History
 from oomwarden.policy.registry import load_policy
 from oomwarden.sources.procfs import ReadOptions, with_details
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.units import fmt_bytes
 
 EXIT_USAGE = 2
+#: History window for policies that rank by growth: long enough to see a leak
+#: or a fork storm, short enough for an interactive command.
+DEFAULT_WINDOW_S = 2.0
+MAX_WINDOW_S = 600.0
 
 
 class _Console(Console):
@@ -56,6 +65,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 <= value <= MAX_WINDOW_S:
+        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WINDOW_S:g} seconds, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="oomwarden",
@@ -73,7 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a memory cgroup: a path inside a hierarchy (/a/b, v1:/a/b, v2:/a/b) "
                     "or a filesystem path (/sys/fs/cgroup/memory/a/b); default: the system")
     ex.add_argument("--policy", default="kernel", metavar="SPEC",
-                    help="policy SPEC (built-in name); default: kernel")
+                    help="policy SPEC: a built-in name, a .py policy or a .toml rules file; "
+                    "default: kernel")
+    ex.add_argument("--window", type=_seconds, default=None, metavar="SECONDS",
+                    help="take a first snapshot this long before the one ranked, for "
+                    f"growth rates (default {DEFAULT_WINDOW_S:g} s for policies that need "
+                    "history, else none)")
+    ex.add_argument("--budget-ms", type=_positive, default=int(DEFAULT_BUDGET_S * 1000),
+                    metavar="MS", help="the policy's time budget for the whole decision "
+                    f"(default {DEFAULT_BUDGET_S * 1000:.0f}); past it the kernel policy decides")
     ex.add_argument("--top", type=_positive, default=10, metavar="N",
                     help="show the N best candidates (default 10)")
     ex.add_argument("--all", action="store_true",
@@ -116,12 +143,20 @@ def _with_details(decision: Decision, proc_root: str, shown: Sequence[Candidate]
 
 def cmd_explain(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
+    history: History | None = None
+    window = args.window if args.window is not None else (
+        DEFAULT_WINDOW_S if policy.needs_history else 0.0
+    )
+    if window > 0:
+        history = History(_take_snapshot(args))
+        time.sleep(window)
     snapshot = _take_snapshot(args)
     if args.cgroup is not None:
         domain = cgroup_domain(snapshot, resolve_cgroup(snapshot, args.cgroup))
     else:
         domain = system_domain(snapshot)
-    decision = policy(snapshot, domain)
+    decision = decide(snapshot, domain, policy, history=history, guard=signal_guard,
+                      budget_s=args.budget_ms / 1000)
     shown = decision.candidates if args.all else decision.selectable[: args.top]
     decision = _with_details(decision, args.proc_root, shown)
     if args.json:
@@ -172,7 +207,9 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
     table.add_column("pid", justify="right", no_wrap=True, min_width=7)
     table.add_column("comm", no_wrap=True, max_width=16, overflow="ellipsis")
     table.add_column("cgroup", no_wrap=True, max_width=28, overflow="ellipsis")
-    for name, width in (("rss", 10), ("swap", 8), ("adj", 5), ("points", 8), ("score", 5)):
+    kernel = decision.policy == "kernel" and decision.fallback is None
+    last = "score" if kernel else "kernel"
+    for name, width in (("rss", 10), ("swap", 8), ("adj", 5), ("points", 8), (last, 5)):
         table.add_column(name, justify="right", no_wrap=True, min_width=width)
     if all_tasks:
         table.add_column("why not", overflow="fold")
@@ -188,23 +225,42 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
             fmt_bytes(t.swap_bytes),
             "?" if t.oom_score_adj is None else str(t.oom_score_adj),
             "-" if c.points is None else str(c.points),
-            "-" if c.oom_score is None else str(c.oom_score),
+            _last_cell(c, kernel),
         ]
         if all_tasks:
             cells.append("" if c.verdict == "select" else literal("; ".join(c.reasons)))
         table.add_row(*cells, style="bold red" if t.identity == victim_id else None)
     console.print(table)
-    if decision.victim is None:
-        console.print("victim: none (no killable task in the domain)")
+    if decision.fallback is not None:
+        console.print(Text.assemble("fallback: ", literal(decision.fallback)), style="yellow")
+    v = decision.victim
+    if v is None:
+        if not decision.actions:
+            console.print("victim: none")
     else:
-        v = decision.victim
         console.print(Text.assemble(
             f"victim: pid {v.task.pid} (", literal(v.task.comm), f"), {v.points} points"
         ))
         for reason in v.reasons:
             console.print(Text.assemble("  - ", literal(reason)))
+    for action in decision.actions:
+        console.print(Text.assemble("action: ", literal(_describe(action))))
+    if decision.policy_seconds is not None:
+        console.print(f"time in the policy: {decision.policy_seconds * 1000:.1f} ms")
     for note in decision.notes:
         console.print(Text.assemble("note: ", literal(note)))
+
+
+def _last_cell(c: Candidate, kernel: bool) -> str:
+    """Kernel policy: the kernel-scale score; others: the kernel's points."""
+    value = c.oom_score if kernel else c.kernel_points
+    return "-" if value is None else str(value)
+
+
+def _describe(action: Action) -> str:
+    data = action_to_json(action)
+    name = str(data.pop("action"))
+    return name + " " + ", ".join(f"{k}={v}" for k, v in data.items() if v not in ("", None))
 
 
 def _silence_stdout() -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from oomwarden.model import Cgroup, Snapshot, Task
+from oomwarden.model import Cgroup, Pressure, Snapshot, Task
 
 VictimKind = Literal["process", "tree", "cgroup"]
 VICTIM_KINDS: tuple[VictimKind, ...] = ("process", "tree", "cgroup")
@@ -170,6 +170,16 @@ class Context:
         """A cgroup of the domain's memory hierarchy by path."""
         return self._impl.cgroup(path)
 
+    def pressure_of(self, task: Task) -> tuple[Cgroup, Pressure] | None:
+        """Memory pressure (PSI) of the task's cgroup: the memory hierarchy's
+        where it has ``memory.pressure``, else the v2 cgroup's (the hybrid
+        layout keeps PSI on v2 while the memory controller is on v1)."""
+        return self._impl.pressure_of(task)
+
+    def parent(self, task: Task) -> Task | None:
+        """The task's parent process, if it is in the snapshot."""
+        return self._impl.parent(task)
+
     def children(self, task: Task) -> tuple[Task, ...]:
         return self._impl.children(task)
 
@@ -211,6 +221,8 @@ class ContextImpl:
     kernel_points: Callable[[Task], int | None]
     cgroup_of: Callable[[Task], Cgroup | None]
     cgroup: Callable[[str], Cgroup | None]
+    pressure_of: Callable[[Task], tuple[Cgroup, Pressure] | None]
+    parent: Callable[[Task], Task | None]
     children: Callable[[Task], tuple[Task, ...]]
     descendants: Callable[[Task], tuple[Task, ...]]
     growth: Callable[[Task], float | None]

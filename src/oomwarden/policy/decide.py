@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
 from oomwarden.decision import Candidate, Decision, Domain
-from oomwarden.model import Cgroup, HierarchyKind, Snapshot, Task
+from oomwarden.model import Cgroup, HierarchyKind, Pressure, Snapshot, Task
 from oomwarden.policy.api import (
     ACTION_TYPES,
     Action,
@@ -74,8 +74,13 @@ class _Tree:
 
     def __init__(self, tasks: Sequence[Task]) -> None:
         self.children: dict[int, list[Task]] = {}
+        self.by_pid: dict[int, Task] = {}
         for t in tasks:
             self.children.setdefault(t.ppid, []).append(t)
+            self.by_pid[t.pid] = t
+
+    def parent(self, task: Task) -> Task | None:
+        return self.by_pid.get(task.ppid) if task.ppid != task.pid else None
 
     def kids(self, task: Task) -> tuple[Task, ...]:
         return tuple(self.children.get(task.pid, ()))
@@ -225,6 +230,8 @@ class _Run:
             kernel_points=lambda t: badness_points(t, total),
             cgroup_of=self._cgroup_of,
             cgroup=lambda path: snapshot.cgroup(kind, path),
+            pressure_of=self._pressure_of,
+            parent=self.tree.parent,
             children=self.tree.kids,
             descendants=self.tree.descendants,
             growth=self._growth,
@@ -236,6 +243,16 @@ class _Run:
     def _cgroup_of(self, task: Task) -> Cgroup | None:
         path = task.memcg_v1 if self.kind is HierarchyKind.V1 else task.cgroup_v2
         return None if path is None else self.snapshot.cgroup(self.kind, path)
+
+    def _pressure_of(self, task: Task) -> tuple[Cgroup, Pressure] | None:
+        cg = self._cgroup_of(task)
+        if cg is not None and cg.pressure is not None:
+            return cg, cg.pressure
+        if task.cgroup_v2 is not None:
+            v2 = self.snapshot.cgroup(HierarchyKind.V2, task.cgroup_v2)
+            if v2 is not None and v2.pressure is not None:
+                return v2, v2.pressure
+        return None
 
     def _growth(self, task: Task) -> float | None:
         return None if self.history is None else self.history.growth(self.snapshot, task)
