@@ -115,13 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _take_snapshot(args: argparse.Namespace) -> Snapshot:
+def _take_snapshot(args: argparse.Namespace, details: bool = False) -> Snapshot:
     return build_snapshot(
         SourceConfig(
             proc_root=args.proc_root,
             fs_root=args.fs_root,
             verify_fs=not args.no_verify_fs,
-            read=ReadOptions(oom_score=True),
+            read=ReadOptions(oom_score=True, details=details),
         )
     )
 
@@ -132,7 +132,7 @@ def _with_details(decision: Decision, proc_root: str, shown: Sequence[Candidate]
     if decision.victim is not None:
         wanted.add(decision.victim.task.identity)
     cands = tuple(
-        replace(c, task=with_details(proc_root, c.task)) if c.task.identity in wanted else c
+        c._replace(task=with_details(proc_root, c.task)) if c.task.identity in wanted else c
         for c in decision.candidates
     )
     victim = decision.victim
@@ -150,7 +150,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if window > 0:
         history = History(_take_snapshot(args))
         time.sleep(window)
-    snapshot = _take_snapshot(args)
+    snapshot = _take_snapshot(args, details=policy.needs_details)
     if args.cgroup is not None:
         domain = cgroup_domain(snapshot, resolve_cgroup(snapshot, args.cgroup))
     else:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from oomwarden.model import Cgroup, Pressure, Snapshot, Task
 
@@ -29,9 +29,10 @@ VictimKind = Literal["process", "tree", "cgroup"]
 VICTIM_KINDS: tuple[VictimKind, ...] = ("process", "tree", "cgroup")
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """A per-task policy's answer. Use the constants and :func:`select`."""
+class Verdict(NamedTuple):
+    """A per-task policy's answer. Use the constants and :func:`select`.
+
+    Immutable; a named tuple because one is made per task on the OOM path."""
 
     kind: Literal["default", "ignore", "select", "abort"]
     points: int | None = None
@@ -50,7 +51,7 @@ ABORT = Verdict("abort")
 
 def select(points: int, *reasons: str) -> Verdict:
     """A candidate with ``points`` (an int; more points are killed first)."""
-    if isinstance(points, bool) or not isinstance(points, int):
+    if type(points) is not int:
         raise TypeError(f"select() takes an int, not {type(points).__name__}")
     return Verdict("select", points, reasons)
 
@@ -117,18 +118,34 @@ class Event:
 class Context:
     """Read-only view a policy works with. Built by the engine per decision.
 
-    Attributes are read through properties; the object refuses new or changed
-    attributes, and everything it hands out is immutable.
+    The object refuses new or changed attributes, and everything it hands out
+    is immutable. The three lookups a per-task policy calls most are plain
+    attributes holding functions (no wrapper call on the OOM path):
+
+    * ``ctx.kernel_points(task)``: the kernel's ``oom_badness()`` for this task
+      in this domain, or None where the kernel would never pick it;
+    * ``ctx.cgroup_path(task)``: the task's cgroup path on the domain's memory
+      hierarchy (None where unknown);
+    * ``ctx.cgroup_of(task)``: that cgroup, or None.
     """
 
-    __slots__ = ("_impl",)
+    __slots__ = ("_impl", "cgroup_of", "cgroup_path", "kernel_points")
     _impl: ContextImpl
+    kernel_points: Callable[[Task], int | None]
+    cgroup_path: Callable[[Task], str | None]
+    cgroup_of: Callable[[Task], Cgroup | None]
 
     def __init__(self, impl: ContextImpl) -> None:
         object.__setattr__(self, "_impl", impl)
+        object.__setattr__(self, "kernel_points", impl.kernel_points)
+        object.__setattr__(self, "cgroup_path", impl.cgroup_path)
+        object.__setattr__(self, "cgroup_of", impl.cgroup_of)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"the policy context is read-only (tried to set {name})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"the policy context is read-only (tried to delete {name})")
 
     # what the decision is about
     @property
@@ -155,17 +172,7 @@ class Context:
         """The domain's tasks, in the kernel's scan order."""
         return self._impl.tasks
 
-    # the kernel's view
-    def kernel_points(self, task: Task) -> int | None:
-        """The kernel's ``oom_badness()`` for this task in this domain, or None
-        where the kernel would never pick it."""
-        return self._impl.kernel_points(task)
-
     # lookups
-    def cgroup_of(self, task: Task) -> Cgroup | None:
-        """The task's cgroup on the domain's memory hierarchy."""
-        return self._impl.cgroup_of(task)
-
     def cgroup(self, path: str) -> Cgroup | None:
         """A cgroup of the domain's memory hierarchy by path."""
         return self._impl.cgroup(path)
@@ -219,6 +226,7 @@ class ContextImpl:
     page_size: int
     tasks: tuple[Task, ...]
     kernel_points: Callable[[Task], int | None]
+    cgroup_path: Callable[[Task], str | None]
     cgroup_of: Callable[[Task], Cgroup | None]
     cgroup: Callable[[str], Cgroup | None]
     pressure_of: Callable[[Task], tuple[Cgroup, Pressure] | None]
@@ -251,6 +259,9 @@ class Policy:
     handle: Handle | None = None
     victim: VictimKind = "process"
     needs_history: bool = False
+    #: The policy reads ``Task.exe`` or ``Task.cmdline``: the caller must read
+    #: them for every task (two more reads per process).
+    needs_details: bool = False
     #: For the ``kernel`` policy only: the exact replica's fast path.
     kernel: bool = False
     description: str = ""

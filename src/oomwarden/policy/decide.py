@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
+from operator import itemgetter
 
 from oomwarden.decision import Candidate, Decision, Domain
 from oomwarden.model import Cgroup, HierarchyKind, Pressure, Snapshot, Task
@@ -37,7 +38,11 @@ from oomwarden.policy.api import (
     KillCgroup,
     KillProcess,
     Policy,
+    RunHook,
     Verdict,
+)
+from oomwarden.policy.api import (
+    DEFAULT as DEFAULT_VERDICT,
 )
 from oomwarden.policy.engine import ScanKey, kernel_decision, scan_order
 from oomwarden.policy.history import History
@@ -49,6 +54,9 @@ from oomwarden.policy.kernel import badness_points, unkillable_reason
 DEFAULT_BUDGET_S = 0.050
 #: How deep a process tree is followed (fork bombs nest).
 MAX_TREE_DEPTH = 64
+
+
+_POINTS_THEN_ORDER = itemgetter(0, 1)
 
 
 class PolicyOverrun(BaseException):
@@ -104,6 +112,16 @@ def memory_kind(snapshot: Snapshot, domain: Domain) -> HierarchyKind:
     if domain.cgroup is not None:
         return domain.cgroup.kind
     return next((h.kind for h in snapshot.hierarchies if h.has_memory), HierarchyKind.V1)
+
+
+def _path_function(snapshot: Snapshot, domain: Domain) -> Callable[[Task], str | None]:
+    """A task's cgroup path on the domain's memory hierarchy; with no memory
+    hierarchy known (a literal snapshot), the one path the task has."""
+    if domain.cgroup is None and not any(h.has_memory for h in snapshot.hierarchies):
+        return lambda t: t.memcg_v1 if t.memcg_v1 is not None else t.cgroup_v2
+    if memory_kind(snapshot, domain) is HierarchyKind.V1:
+        return lambda t: t.memcg_v1
+    return lambda t: t.cgroup_v2
 
 
 def _cgroup_path(
@@ -163,6 +181,10 @@ def decide(
         failure = str(e)
     except Exception as e:  # the policy's own error, whatever it is
         failure = f"raised {type(e).__name__}: {e}"
+    except KeyboardInterrupt:
+        raise  # the warden's own Ctrl-C / SIGINT
+    except BaseException as e:  # sys.exit(), a policy's own BaseException subclass
+        failure = f"raised {type(e).__name__}: {e}"
     spent = clock() - started
     if failure is None and spent > budget_s:
         failure = f"took {spent * 1000:.1f} ms, over its budget of {budget_s * 1000:.0f} ms"
@@ -218,6 +240,9 @@ class _Run:
         self.tree = _Tree(snapshot.tasks)
         self.history = history
         self._selection: Decision | None = None
+        #: The kernel's points, computed once per task by the selection loop
+        #: and handed to a policy that asks (``ctx.kernel_points``).
+        self.kernel_cache: dict[int, int] = {}
         kind = memory_kind(snapshot, domain)
         self.kind = kind
         total = domain.totalpages
@@ -227,7 +252,8 @@ class _Run:
             totalpages=total,
             page_size=snapshot.system.page_size,
             tasks=self.tasks,
-            kernel_points=lambda t: badness_points(t, total),
+            kernel_points=self._kernel_points,
+            cgroup_path=_path_function(snapshot, domain),
             cgroup_of=self._cgroup_of,
             cgroup=lambda path: snapshot.cgroup(kind, path),
             pressure_of=self._pressure_of,
@@ -239,6 +265,12 @@ class _Run:
             window_seconds=None if history is None else history.window_seconds(snapshot),
             run_selection=self._select_from_handler,
         ))
+
+    def _kernel_points(self, task: Task) -> int | None:
+        cached = self.kernel_cache.get(task.pid)
+        if cached is not None:
+            return cached
+        return badness_points(task, self.domain.totalpages)
 
     def _cgroup_of(self, task: Task) -> Cgroup | None:
         path = task.memcg_v1 if self.kind is HierarchyKind.V1 else task.cgroup_v2
@@ -271,7 +303,7 @@ class _Run:
         policy = self.policy
         if policy.handle is not None:
             actions = policy.handle(event, self.ctx)
-            checked = _check_actions(actions, policy.name)
+            checked = _check_actions(actions, policy.name, self.snapshot, self.domain)
             if checked:
                 base = self._selection or Decision(self.domain, policy.name, (), None)
                 return replace(base, actions=checked, victim=None,
@@ -284,50 +316,63 @@ class _Run:
         return _with_actions(decision, self.snapshot, self.domain, policy.victim)
 
     def select(self) -> Decision:
-        """The per-task selection (``select_bad_process`` with the policy's say)."""
+        """The per-task selection (``select_bad_process`` with the policy's say).
+
+        Runs once per task of the domain on the OOM path: names are bound
+        locally and reasons are left as the verdict gave them (the kernel's
+        points are kept as a number and worded only when shown)."""
         policy = self.policy
         evaluate = policy.evaluate
         domain = self.domain
         total = domain.totalpages
+        ctx = self.ctx
+        kernel_cache = self.kernel_cache
         key = scan_order(self.snapshot, domain)
         ranked: list[tuple[int, ScanKey, Candidate]] = []
         others: list[Candidate] = []
         aborted_at: Task | None = None
+        no_opinion = ("no opinion: the kernel's badness decides",)
+        ignored = ("ignored by the policy",)
         for task in self.tasks:
             kernel_points = badness_points(task, total)
             if kernel_points is None:
                 why = unkillable_reason(task) or "unkillable"
                 others.append(Candidate(task, "unkillable", None, (why,)))
                 continue
-            verdict = Verdict("default") if evaluate is None else evaluate(task, self.ctx)
-            if not isinstance(verdict, Verdict) or verdict.kind not in (
-                "default", "ignore", "select", "abort"
-            ):
+            kernel_cache[task.pid] = kernel_points
+            verdict = DEFAULT_VERDICT if evaluate is None else evaluate(task, ctx)
+            if type(verdict) is not Verdict:
                 raise PolicyFailure(
                     f"returned {verdict!r:.80} for pid {task.pid}, not a verdict "
                     "(DEFAULT, IGNORE, ABORT or select(points))"
                 )
-            if verdict.kind == "abort":
+            if verdict.reasons and (type(verdict.reasons) is not tuple or not all(
+                type(r) is str for r in verdict.reasons
+            )):
+                raise PolicyFailure(f"returned reasons {verdict.reasons!r:.80} for pid "
+                                    f"{task.pid}: reasons must be strings")
+            kind = verdict.kind
+            if kind == "select":
+                points = verdict.points
+                if type(points) is not int:
+                    raise PolicyFailure(f"returned select({points!r}) for pid "
+                                        f"{task.pid}: points must be an int")
+                reasons = verdict.reasons
+            elif kind == "default":
+                points = kernel_points
+                reasons = verdict.reasons + no_opinion if verdict.reasons else no_opinion
+            elif kind == "ignore":
+                others.append(Candidate(task, "ignore", None, verdict.reasons or ignored,
+                                        None, kernel_points))
+                continue
+            elif kind == "abort":
                 aborted_at = task
                 break
-            if verdict.kind == "ignore":
-                others.append(Candidate(task, "ignore", None,
-                                        verdict.reasons or ("ignored by the policy",),
-                                        kernel_points=kernel_points))
-                continue
-            if verdict.kind == "default":
-                points = kernel_points
-                reasons = (*verdict.reasons, "no opinion: the kernel's badness decides")
             else:
-                if isinstance(verdict.points, bool) or not isinstance(verdict.points, int):
-                    raise PolicyFailure(f"returned select({verdict.points!r}) for pid "
-                                        f"{task.pid}: points must be an int")
-                points = verdict.points
-                reasons = verdict.reasons
+                raise PolicyFailure(f"returned a verdict of kind {kind!r:.40} for pid "
+                                    f"{task.pid}: not DEFAULT, IGNORE, ABORT or select")
             ranked.append((points, key(task),
-                           Candidate(task, "select", points,
-                                     (*reasons, f"the kernel's points: {kernel_points}"),
-                                     kernel_points=kernel_points)))
+                           Candidate(task, "select", points, reasons, None, kernel_points)))
         if aborted_at is not None:
             return Decision(
                 domain, policy.name, tuple(c for _, _, c in ranked) + tuple(others), None,
@@ -336,12 +381,12 @@ class _Run:
                        "nothing is killed this time",),
                 victim_kind=policy.victim,
             )
-        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        ranked.sort(key=_POINTS_THEN_ORDER, reverse=True)
         candidates = [r[2] for r in ranked]
         victim = None
         if candidates:
             top = candidates[0]
-            victim = replace(top, notes=(*top.notes, f"most points under {policy.name}"))
+            victim = top._replace(notes=(*top.notes, f"most points under {policy.name}"))
             candidates[0] = victim
         others.sort(key=lambda c: c.task.pid)
         notes: tuple[str, ...] = ()
@@ -352,7 +397,9 @@ class _Run:
                         victim_kind=policy.victim)
 
 
-def _check_actions(actions: object, name: str) -> tuple[Action, ...]:
+def _check_actions(
+    actions: object, name: str, snapshot: Snapshot, domain: Domain
+) -> tuple[Action, ...]:
     if actions is None:
         return ()
     if isinstance(actions, (str, bytes)) or not isinstance(actions, (list, tuple)):
@@ -361,4 +408,40 @@ def _check_actions(actions: object, name: str) -> tuple[Action, ...]:
         if not isinstance(a, ACTION_TYPES):
             raise PolicyFailure(f"handler returned {a!r:.80} among its actions, not an "
                                 "action (KillProcess, KillCgroup, DeleteFiles, RunHook)")
+        _check_action(a, snapshot, domain)
     return tuple(actions)
+
+
+def _check_action(a: Action, snapshot: Snapshot, domain: Domain) -> None:
+    """What the engine guarantees for a selected victim holds for a handler's
+    actions too: only a process or cgroup of this domain, as it was at snapshot
+    time, and never what the kernel never kills."""
+    if isinstance(a, KillProcess):
+        t = snapshot.task(a.pid) if isinstance(a.pid, int) else None
+        if t is None or t.start_ticks != a.start_ticks or not domain.contains(t):
+            raise PolicyFailure(f"handler asked to kill pid {a.pid!r:.20} (start "
+                                f"{a.start_ticks!r:.20}), which is not a process of "
+                                f"{domain.name} in this snapshot")
+        if badness_points(t, domain.totalpages) is None:
+            raise PolicyFailure(f"handler asked to kill pid {t.pid} ({t.comm}), which the "
+                                f"kernel never kills ({unkillable_reason(t) or 'unkillable'})")
+    elif isinstance(a, KillCgroup):
+        kinds = {k.value: k for k in HierarchyKind}
+        cg = (snapshot.cgroup(kinds[a.kind], a.path)
+              if a.kind in kinds and isinstance(a.path, str) else None)
+        inside = cg is not None and cg.path != "/" and (
+            domain.cgroup is None or (cg.kind is domain.cgroup.kind and (
+                cg.path == domain.cgroup.path or cg.path.startswith(domain.cgroup.path + "/")
+            ))
+        )
+        if cg is None or cg.inode != a.inode or not inside:
+            raise PolicyFailure(f"handler asked to kill cgroup {a.kind!r:.10}:{a.path!r:.80} "
+                                f"(inode {a.inode!r:.20}), which is not a cgroup of "
+                                f"{domain.name} in this snapshot")
+    elif isinstance(a, RunHook):
+        if not a.argv or not all(isinstance(x, str) and x for x in a.argv):
+            raise PolicyFailure(f"handler returned RunHook with argv {a.argv!r:.80}: an "
+                                "empty argv or one that is not strings")
+    elif not a.paths or not all(isinstance(p, str) and p.startswith("/") for p in a.paths):
+        raise PolicyFailure(f"handler returned DeleteFiles with paths {a.paths!r:.80}: "
+                            "paths must be absolute strings")

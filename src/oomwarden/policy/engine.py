@@ -7,7 +7,6 @@ Pure: reads a :class:`Snapshot` and a :class:`Domain`, returns a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 from oomwarden.decision import Candidate, Decision, Domain
 from oomwarden.errors import CgroupNotFound
@@ -50,7 +49,9 @@ def scan_order(snapshot: Snapshot, domain: Domain) -> Callable[[Task], ScanKey]:
     """The position at which the kernel's scan meets a task (later is larger):
     cgroup pre-order index, then, on v2, the position in ``cgroup.procs``
     (css_task_iter order; v1 sorts that file), then start time and pid."""
-    order = _cgroup_order(snapshot, domain) if domain.cgroup is not None else None
+    if domain.cgroup is None:  # the system: for_each_process, creation order
+        return lambda task: (0, 0, task.start_ticks, task.pid)
+    order = _cgroup_order(snapshot, domain)
     listed: dict[int, int] = {}
     if domain.cgroup is not None and domain.cgroup.kind is HierarchyKind.V2:
         listed = {
@@ -62,7 +63,7 @@ def scan_order(snapshot: Snapshot, domain: Domain) -> Callable[[Task], ScanKey]:
     unlisted = len(listed)
 
     def key(task: Task) -> ScanKey:
-        group = order.get(_task_cgroup(task, domain) or "", 0) if order is not None else 0
+        group = order.get(_task_cgroup(task, domain) or "", 0)
         return (group, listed.get(task.pid, unlisted), task.start_ticks, task.pid)
 
     return key
@@ -94,7 +95,7 @@ def kernel_decision(snapshot: Snapshot, domain: Domain) -> Decision:
                 f" (ties with pid {', '.join(str(c.task.pid) for c in ties)}; "
                 "the kernel keeps the one it meets last)"
             )
-        victim = replace(top, notes=(*top.notes, note))
+        victim = top._replace(notes=(*top.notes, note))
         candidates[0] = victim
     excluded.sort(key=lambda c: c.task.pid)
     notes: list[str] = []

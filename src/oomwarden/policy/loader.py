@@ -13,10 +13,13 @@ memory runs out:
   group or others without the sticky bit (what ``sudo`` refuses for its own
   files): whoever can change the file can run code as root;
 * the file does not compile, or raises (or runs too long) while it is run;
+* it has an ``except:`` or ``except BaseException:`` that does not re-raise:
+  that would swallow the budget's interruption
+  (:class:`~oomwarden.policy.decide.PolicyOverrun`, a BaseException);
 * it defines neither hook, a name that looks like a misspelt hook
   (``evalute``, ``handel``, ``Evaluate``: "did you mean evaluate?"), a hook
   that is not a plain function taking two positional parameters, or a bad
-  ``VICTIM``, ``NAME`` or ``NEEDS_HISTORY``.
+  ``VICTIM``, ``NAME``, ``NEEDS_HISTORY`` or ``NEEDS_DETAILS``.
 
 The file is read once through one file descriptor: the bytes checked are the
 bytes run. It is compiled in memory (no ``__pycache__`` is written next to
@@ -29,6 +32,8 @@ it) and executed in a new module object made with
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -42,12 +47,14 @@ from types import ModuleType
 from typing import Any, NoReturn, cast
 
 from oomwarden.errors import PolicyError
-from oomwarden.policy.api import VICTIM_KINDS, Evaluate, Handle, Policy, VictimKind
+from oomwarden.policy.api import VICTIM_KINDS, Evaluate, Handle, Policy
+from oomwarden.policy.budget import signal_guard
+from oomwarden.policy.decide import PolicyOverrun
 
 HOOKS = ("evaluate", "handle")
 #: What each hook is called with, for messages.
 HOOK_PARAMS = {"evaluate": "(task, ctx)", "handle": "(event, ctx)"}
-SETTINGS = ("VICTIM", "NAME", "NEEDS_HISTORY")
+SETTINGS = ("VICTIM", "NAME", "NEEDS_HISTORY", "NEEDS_DETAILS")
 #: How long running the file (its top level: imports, tables) may take.
 DEFAULT_IMPORT_TIMEOUT_S = 10.0
 #: A policy file larger than this is refused (a policy is code, not data).
@@ -92,7 +99,7 @@ def _one_line(text: str) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    raise PolicyError(_one_line(message))
+    raise PolicyError(_one_line(message)) from None
 
 
 def _read_checked(path: str, where: str, check_owner: bool) -> bytes:
@@ -183,12 +190,14 @@ def _run(path: str, where: str, source: bytes, timeout_s: float) -> ModuleType:
     """Compile and run the file as a fresh module."""
     filename = os.path.abspath(path)
     try:
-        code = compile(source, filename, "exec", dont_inherit=True)
+        tree = ast.parse(source, filename)
+        code = compile(tree, filename, "exec", dont_inherit=True)
     except SyntaxError as e:
         line = f":{e.lineno}" if e.lineno else ""
-        _fail(f"{where}{line}: {type(e).__name__}: {e.msg}")
+        _fail(f"policy file {where}{line}: {type(e).__name__}: {e.msg}")
     except ValueError as e:  # null bytes
-        _fail(f"{where}: does not compile: {e}")
+        _fail(f"policy file {where}: does not compile: {e}")
+    _check_handlers(tree, where)
     stem = _unsafe_chars.sub("_", os.path.splitext(os.path.basename(path))[0])
     name = f"oomwarden_policy_{next(_counter)}_{stem}"
     spec = importlib.util.spec_from_file_location(name, filename)
@@ -196,10 +205,6 @@ def _run(path: str, where: str, source: bytes, timeout_s: float) -> ModuleType:
         _fail(f"policy file {where} cannot be loaded as a module")
     module = importlib.util.module_from_spec(spec)
     module.__package__ = ""
-    # The budget module imports the engine, which never imports this module.
-    from oomwarden.policy.budget import signal_guard  # noqa: PLC0415
-    from oomwarden.policy.decide import PolicyOverrun  # noqa: PLC0415
-
     sys.modules[name] = module  # while it runs (dataclasses, typing look it up)
     try:
         with signal_guard(timeout_s):
@@ -207,10 +212,36 @@ def _run(path: str, where: str, source: bytes, timeout_s: float) -> ModuleType:
     except PolicyOverrun:
         _fail(f"policy file {where} took more than {timeout_s:g} s to load and was stopped")
     except (Exception, SystemExit) as e:
-        _fail(f"{where}{_line_in(e, filename)}: {_describe(e)}")
+        _fail(f"policy file {where}{_line_in(e, filename)}: {_describe(e)}")
     finally:
         sys.modules.pop(name, None)
     return module
+
+
+_SWALLOWING = frozenset({"BaseException", "PolicyOverrun"})
+
+
+def _catches_everything(node: ast.expr | None) -> bool:
+    if node is None:
+        return True  # a bare except:
+    if isinstance(node, ast.Tuple):
+        return any(_catches_everything(e) for e in node.elts)
+    if isinstance(node, ast.Name):
+        return node.id in _SWALLOWING
+    return isinstance(node, ast.Attribute) and node.attr in _SWALLOWING
+
+
+def _check_handlers(tree: ast.AST, where: str) -> None:
+    """Refuse ``except:`` and ``except BaseException`` that do not re-raise:
+    they would swallow the budget's interruption (:class:`PolicyOverrun`)."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ExceptHandler) or not _catches_everything(node.type):
+            continue
+        if any(isinstance(s, ast.Raise) and s.exc is None for s in node.body):
+            continue
+        what = "except:" if node.type is None else f"except {ast.unparse(node.type)}:"
+        _fail(f"policy file {where}:{node.lineno}: {what} would swallow the time budget's "
+              "interruption; catch Exception instead (or re-raise with a bare raise)")
 
 
 def _line_in(error: BaseException, filename: str) -> str:
@@ -240,8 +271,8 @@ def _policy_from(module: ModuleType, path: str, where: str) -> Policy:
             near = _near_miss(hook, module)
             if near is not None:
                 line = _def_line(namespace[near], path)
-                _fail(f"{where}{line}: defines {near}, not {hook}: did you mean {hook}? "
-                      f"(a helper's name should start with _)")
+                _fail(f"policy file {where}{line}: defines {near}, not {hook}: "
+                      f"did you mean {hook}? (a helper's name should start with _)")
     if not defined:
         _fail(f"policy file {where} defines neither evaluate{HOOK_PARAMS['evaluate']} nor "
               f"handle{HOOK_PARAMS['handle']}")
@@ -259,18 +290,30 @@ def _policy_from(module: ModuleType, path: str, where: str) -> Policy:
               f"{MAX_NAME_LEN} printable characters")
     if name == "kernel":
         _fail(f"policy file {where}: NAME = 'kernel' is reserved for the kernel policy")
-    needs_history = namespace.get("NEEDS_HISTORY", False)
-    if not isinstance(needs_history, bool):
-        _fail(f"policy file {where}: NEEDS_HISTORY = {needs_history!r:.60} must be True or False")
+    flags: dict[str, bool] = {}
+    for setting in ("NEEDS_HISTORY", "NEEDS_DETAILS"):
+        value = namespace.get(setting, False)
+        if not isinstance(value, bool):
+            _fail(f"policy file {where}: {setting} = {value!r:.60} must be True or False")
+        flags[setting.lower()] = value
     doc = (module.__doc__ or "").strip()
-    return Policy(
+    policy = Policy(
         name=name,
         evaluate=cast(Evaluate | None, defined.get("evaluate")),
         handle=cast(Handle | None, defined.get("handle")),
-        victim=cast(VictimKind, victim),
-        needs_history=needs_history,
+        victim=victim,
+        needs_history=flags["needs_history"],
         description=doc.splitlines()[0] if doc else f"Python policy {where}",
     )
+    if "needs_details" in _POLICY_FIELDS:
+        # Policy.needs_details asks the caller to read exe and cmdline before
+        # deciding; a Policy without that field leaves them None.
+        changes: dict[str, Any] = {"needs_details": flags["needs_details"]}
+        policy = dataclasses.replace(policy, **changes)
+    return policy
+
+
+_POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(Policy))
 
 
 def _own_callables(module: ModuleType) -> dict[str, Any]:
@@ -294,10 +337,15 @@ def _check_settings(module: ModuleType, where: str) -> None:
     for key in vars(module):
         if key in SETTINGS or key.startswith("_"):
             continue
+        value = vars(module)[key]
         for setting in SETTINGS:
-            if key.lower() == setting.lower() or (
-                setting != "NAME" and key.isupper()
-                and difflib.SequenceMatcher(None, key, setting).ratio() >= 0.85
+            if setting == "NAME":
+                continue  # too short and too common a word to guess at
+            lowercase = key == setting.lower() and (
+                value in VICTIM_KINDS if setting == "VICTIM" else isinstance(value, bool)
+            )
+            if lowercase or (
+                key.isupper() and difflib.SequenceMatcher(None, key, setting).ratio() >= 0.85
             ):
                 _fail(f"policy file {where} sets {key}, not {setting}: did you mean {setting}?")
 
@@ -312,28 +360,30 @@ def _def_line(fn: object, path: str) -> str:
 def _check_hook(hook: str, fn: object, path: str, where: str) -> None:
     what = f"{hook}{HOOK_PARAMS[hook]}"
     if not callable(fn):
-        _fail(f"policy file {where}: {hook} is not callable (it is a {type(fn).__name__}); "
+        _fail(f"policy file {where}: {hook} is not callable (it is of type {type(fn).__name__}); "
               f"define it as def {what}")
     line = _def_line(fn, path)
     if isinstance(fn, type):
-        _fail(f"{where}{line}: {hook} is a class; define it as a function, def {what}")
+        _fail(f"policy file {where}{line}: {hook} is a class; define it as a function, "
+              f"def {what}")
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        _fail(f"{where}{line}: {hook} is an async function; define it with def, not async def")
+        _fail(f"policy file {where}{line}: {hook} is an async function; define it with "
+              "def, not async def")
     if inspect.isgeneratorfunction(fn):
-        _fail(f"{where}{line}: {hook} is a generator (it yields); it must return "
+        _fail(f"policy file {where}{line}: {hook} is a generator (it yields); it must return "
               + ("a verdict" if hook == "evaluate" else "a list of actions"))
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # a builtin without a signature: the engine's fallback covers it
+    positional = [p for p in sig.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     try:
         sig.bind(object(), object())
     except TypeError:
-        _fail(f"{where}{line}: {hook}{sig} cannot be called as {what}: a hook takes exactly "
-              "two positional parameters")
-    positional = [p for p in sig.parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    extra = [p.name for p in positional[2:]]
-    if extra:
-        _fail(f"{where}{line}: {hook}{sig} takes more than two positional parameters "
-              f"({', '.join(extra)}); a hook takes exactly two: def {what}")
+        ok = False
+    else:
+        ok = len(positional) == 2
+    if not ok:
+        _fail(f"policy file {where}{line}: {hook}{sig} does not take exactly two "
+              f"positional parameters: a hook is def {what}")
