@@ -185,7 +185,7 @@ MISSING_UID, MISSING_CGROUP, MISSING_EXE, MISSING_CMDLINE = 1, 2, 4, 8
 
 #: How many distinct values of one key (comm names, cgroup paths, ...) keep
 #: their match results in memory. Bounded: processes choose their names.
-CACHE_SIZE = 4096
+CACHE_SIZE = 32768
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +376,8 @@ class RuleSet:
                 points += int(abs(points) * (multiply - 1.0))
             points = _clamp(points + add)
         points += plan.band
+        if not base_reason:  # the plan's own tuple: shared, checked once by the engine
+            return Verdict("select", points, plan.reasons)
         return select(points, *base_reason, *plan.reasons)
 
     def _plan(self, matched: int, unmatched: int, missing: int, ctx: Context) -> Plan:
