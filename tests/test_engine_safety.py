@@ -737,8 +737,8 @@ def reasons_not_a_tuple(task: Task, ctx: Context) -> Verdict:
     [
         (calls_sys_exit, ["raised SystemExit"]),
         (raises_a_base_exception, ["raised PolicysOwnBaseException: mine"]),
-        (reasons_not_strings, ["reasons must be strings"]),
-        (reasons_not_a_tuple, ["reasons must be strings"]),
+        (reasons_not_strings, ["reasons must be a tuple of strings"]),
+        (reasons_not_a_tuple, ["reasons must be a tuple of strings"]),
     ],
     ids=lambda v: v.__name__ if callable(v) else None,
 )

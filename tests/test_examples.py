@@ -92,7 +92,7 @@ def test_protect_db_kill_grower(tmp_path: Path) -> None:
     d = run(policy, now, history=History(then))
     # The database grew more, but is protected; the job is the fastest other grower.
     assert d.victim is not None and d.victim.task.pid == 20
-    assert d.actions == (KillProcess(20, 2, "the chosen victim", tree=True),)
+    assert d.actions == (KillProcess(20, 2, "the chosen victim, with its tree", tree=True),)
     assert {c.task.pid: c.verdict for c in d.candidates}[10] == "ignore"
 
 

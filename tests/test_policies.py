@@ -145,7 +145,7 @@ def test_victim_kinds_and_oom_group() -> None:
     assert d.victim_kind == "cgroup"
     s2 = snap(task(10, cgroup_v2="/app"))
     d = run(per_task(lambda t, c: select(1), victim="tree"), s2)
-    assert d.actions[0] == KillProcess(10, 1010, "the chosen victim", tree=True)
+    assert d.actions[0] == KillProcess(10, 1010, "the chosen victim, with its tree", tree=True)
     d = run(per_task(lambda t, c: select(1), victim="cgroup"), s2)
     assert isinstance(d.actions[0], KillCgroup) and d.actions[0].path == "/app"
 
@@ -225,7 +225,7 @@ def test_growth_counts_children_born_in_the_window_for_their_parent() -> None:
     d = run(builtins()["growth"], now, history=History(then))
     # 30 children x 3000 pages in 2 s beat pid 10's 5000 pages in 2 s
     assert d.victim.task.pid == 20 and d.victim_kind == "tree"
-    assert d.actions[0] == KillProcess(20, 2, "the chosen victim", tree=True)
+    assert d.actions[0] == KillProcess(20, 2, "the chosen victim, with its tree", tree=True)
     assert any("30 new descendants" in r for r in d.victim.reasons)
 
 

@@ -228,7 +228,8 @@ def _print_table(decision: Decision, snapshot: Snapshot, *, all_tasks: bool, top
             _last_cell(c, kernel),
         ]
         if all_tasks:
-            cells.append("" if c.verdict == "select" else literal("; ".join(c.reasons)))
+            cells.append("" if c.verdict in ("select", "default")
+                         else literal("; ".join(c.reasons)))
         table.add_row(*cells, style="bold red" if t.identity == victim_id else None)
     console.print(table)
     if decision.fallback is not None:

@@ -17,7 +17,10 @@ from oomwarden.policy.kernel import badness as kernel_badness
 from oomwarden.policy.kernel import oom_score as kernel_oom_score
 from oomwarden.units import fmt_bytes
 
-Verdict = Literal["select", "ignore", "unkillable"]
+#: ``select`` (the policy's points), ``default`` (the policy had no opinion:
+#: the kernel's points), ``ignore`` (the policy said never), ``unkillable``
+#: (the kernel never would).
+Verdict = Literal["select", "default", "ignore", "unkillable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,7 @@ class Decision:
 
     @property
     def selectable(self) -> tuple[Candidate, ...]:
-        return tuple(c for c in self.candidates if c.verdict == "select")
+        return tuple(c for c in self.candidates if c.verdict in ("select", "default"))
 
     def to_json(self, top: int | None = 10, all_tasks: bool = False) -> dict[str, Any]:
         shown = self.candidates if all_tasks else self.selectable[: top if top else None]

@@ -68,6 +68,9 @@ class KillProcess:
     start_ticks: int
     reason: str = ""
     tree: bool = False
+    #: Members of the tree not to kill (the kernel never would, or the policy
+    #: protected them).
+    spare_pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +82,10 @@ class KillCgroup:
     path: str
     inode: int
     reason: str = ""
+    #: Members not to kill: as the kernel's ``memory.oom.group`` kill skips
+    #: ``oom_score_adj`` -1000 tasks, and tasks the policy protected. With any,
+    #: the executor kills the others one by one instead of ``cgroup.kill``.
+    spare_pids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from dataclasses import replace
 from operator import itemgetter
 
 from oomwarden.decision import Candidate, Decision, Domain
+from oomwarden.decision import Verdict as CandidateVerdict
 from oomwarden.model import Cgroup, HierarchyKind, Pressure, Snapshot, Task
 from oomwarden.policy.api import (
     ACTION_TYPES,
@@ -55,6 +56,13 @@ from oomwarden.policy.kernel import badness_points, unkillable_reason
 DEFAULT_BUDGET_S = 0.050
 #: How deep a process tree is followed (fork bombs nest).
 MAX_TREE_DEPTH = 64
+#: Budgets outside this range are clamped (a timer cannot take more).
+MIN_BUDGET_S = 0.001
+MAX_BUDGET_S = 60.0
+#: A policy's error messages are cut here in the decision record.
+MAX_MESSAGE = 300
+#: Points must fit the kernel's own type (a signed 64-bit long).
+POINTS_MIN, POINTS_MAX = -(2**63), 2**63 - 1
 
 
 _POINTS_THEN_ORDER = itemgetter(0, 1)
@@ -197,6 +205,7 @@ def _decide(  # noqa: PLR0917 (the public decide() takes these by keyword)
         base = kernel_decision(snapshot, domain)
         return _with_actions(replace(base, trigger=trigger), snapshot, domain, "process")
     event = event or Event(trigger=trigger, domain=domain.name)
+    budget_s = min(max(budget_s, MIN_BUDGET_S), MAX_BUDGET_S)
     run = _Run(snapshot, domain, policy, history)
     started = clock()
     failure: str | None = None
@@ -207,13 +216,11 @@ def _decide(  # noqa: PLR0917 (the public decide() takes these by keyword)
     except PolicyOverrun:
         failure = f"overran its budget of {budget_s * 1000:.0f} ms and was stopped"
     except PolicyFailure as e:
-        failure = str(e)
-    except Exception as e:  # the policy's own error, whatever it is
-        failure = f"raised {type(e).__name__}: {e}"
-    except KeyboardInterrupt:
-        raise  # the warden's own Ctrl-C / SIGINT
-    except BaseException as e:  # sys.exit(), a policy's own BaseException subclass
-        failure = f"raised {type(e).__name__}: {e}"
+        failure = _safe_text(e)
+    except BaseException as e:
+        # its own BaseException subclasses, even KeyboardInterrupt; a real Ctrl-C
+        # during a decision of at most a few dozen ms is then the only loss)
+        failure = f"raised {type(e).__name__}: {_safe_text(e)}"
     spent = clock() - started
     if failure is None and spent > budget_s:
         failure = f"took {spent * 1000:.1f} ms, over its budget of {budget_s * 1000:.0f} ms"
@@ -227,33 +234,94 @@ def _decide(  # noqa: PLR0917 (the public decide() takes these by keyword)
     return replace(decision, policy_seconds=spent, trigger=trigger)
 
 
+def _safe_repr(value: object) -> str:
+    """A policy's value, shown safely (its ``__repr__`` may raise or be huge)."""
+    try:
+        text = repr(value)
+    except BaseException:
+        return f"(a {type(value).__name__} that cannot be shown)"
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _safe_text(e: BaseException) -> str:
+    """An exception's message, whatever its ``__str__`` does (a policy's
+    exception may raise there, or hold an int too long to print)."""
+    try:
+        text = str(e)
+    except BaseException:
+        return "(its message could not be printed)"
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
+
+
 def _with_actions(
     decision: Decision, snapshot: Snapshot, domain: Domain, victim_kind: str
 ) -> Decision:
-    """The victim's kill, as the kernel does it: ``memory.oom.group`` turns a
-    process victim into its group."""
+    """The victim's kill. ``memory.oom.group`` turns a process victim into its
+    group, as the kernel does; a tree or a cgroup is killed without the members
+    the kernel never kills or the policy protected (``spare_pids``); a cgroup
+    victim must be a cgroup of the domain other than the root, else only the
+    process is killed."""
     victim = decision.victim
     if victim is None or decision.actions or decision.aborted:
         return replace(decision, victim_kind=victim_kind)
     task = victim.task
+    ignored = frozenset(c.task.pid for c in decision.candidates if c.verdict == "ignore")
     group = oom_group_target(snapshot, domain, task)
+    notes = decision.notes
     action: Action
     if group is not None:
         action = KillCgroup(group.kind.value, group.path, group.inode,
-                            f"memory.oom.group is set on {group.path}")
+                            f"memory.oom.group is set on {group.path}",
+                            _spare(_members(snapshot, group), ignored, domain))
         victim_kind = "cgroup"
     elif victim_kind == "cgroup":
         kind, path = _cgroup_path(task, domain, snapshot)
         cg = snapshot.cgroup(kind, path) if path is not None else None
-        if cg is None:
-            action = KillProcess(task.pid, task.start_ticks, "its cgroup is unknown")
+        if cg is None or not _inside(cg, domain):
+            where = "unknown" if cg is None else f"{cg.name}, not a cgroup of {domain.name}"
+            action = KillProcess(task.pid, task.start_ticks,
+                                 f"its cgroup is {where}: only the process is killed")
+            notes = (*notes, f"cgroup victim refused: {where}; pid {task.pid} alone is killed")
             victim_kind = "process"
         else:
-            action = KillCgroup(cg.kind.value, cg.path, cg.inode, "the policy kills cgroups")
+            action = KillCgroup(cg.kind.value, cg.path, cg.inode, "the policy kills cgroups",
+                                _spare(_members(snapshot, cg), ignored, domain))
+    elif victim_kind == "tree":
+        tree = _Tree(snapshot.tasks)
+        spare = _spare((task, *tree.descendants(task)), ignored, domain)
+        action = KillProcess(task.pid, task.start_ticks, "the chosen victim, with its tree",
+                             tree=True, spare_pids=spare)
     else:
-        action = KillProcess(task.pid, task.start_ticks, "the chosen victim",
-                             tree=victim_kind == "tree")
-    return replace(decision, actions=(action,), victim_kind=victim_kind)
+        action = KillProcess(task.pid, task.start_ticks, "the chosen victim")
+    return replace(decision, actions=(action,), victim_kind=victim_kind, notes=notes)
+
+
+def _inside(cg: Cgroup, domain: Domain) -> bool:
+    """A cgroup of the domain other than the root (never kill "/")."""
+    if cg.path == "/":
+        return False
+    d = domain.cgroup
+    if d is None:
+        return True
+    return cg.kind is d.kind and (cg.path == d.path or cg.path.startswith(d.path + "/"))
+
+
+def _members(snapshot: Snapshot, cg: Cgroup) -> tuple[Task, ...]:
+    prefix = cg.path.rstrip("/") + "/"
+    out = []
+    for t in snapshot.tasks:
+        path = t.memcg_v1 if cg.kind is HierarchyKind.V1 else t.cgroup_v2
+        if path is not None and (path == cg.path or path.startswith(prefix)):
+            out.append(t)
+    return tuple(out)
+
+
+def _spare(members: Sequence[Task], ignored: frozenset[int], domain: Domain) -> tuple[int, ...]:
+    """Members not to kill: what the kernel never kills, or the policy ignored."""
+    return tuple(sorted(
+        t.pid for t in members
+        if t.pid in ignored or badness_points(t, domain.totalpages) is None
+    ))
 
 
 class _Run:
@@ -329,14 +397,35 @@ class _Run:
             checked = _check_actions(actions, policy.name, self.snapshot, self.domain)
             if checked:
                 base = self._selection or Decision(self.domain, policy.name, (), None)
-                return replace(base, actions=checked, victim=None,
-                               victim_kind=policy.victim,
-                               notes=(*base.notes, f"handler of {policy.name} acted"))
+                notes = (*base.notes, f"handler of {policy.name} acted")
+                if base.aborted:
+                    notes = (*notes, "its per-task selection had aborted; the handler's "
+                                     "actions stand")
+                return replace(base, actions=tuple(self._grouped(a) for a in checked),
+                               victim=None, victim_kind=policy.victim, aborted=False,
+                               notes=notes)
         if policy.evaluate is None:
-            return _with_actions(kernel_decision(self.snapshot, self.domain), self.snapshot,
-                                 self.domain, "process")
+            base = kernel_decision(self.snapshot, self.domain)
+            return _with_actions(
+                replace(base, policy=policy.name,
+                        notes=(*base.notes, f"handler of {policy.name} returned nothing: "
+                                            "the kernel's badness ranked")),
+                self.snapshot, self.domain, policy.victim)
         decision = self._selection or self.select()
         return _with_actions(decision, self.snapshot, self.domain, policy.victim)
+
+    def _grouped(self, action: Action) -> Action:
+        """A handler's process kill becomes its ``memory.oom.group``, as the
+        kernel turns any OOM victim into its group."""
+        if not isinstance(action, KillProcess):
+            return action
+        task = self.snapshot.task(action.pid)
+        group = None if task is None else oom_group_target(self.snapshot, self.domain, task)
+        if group is None:
+            return action
+        return KillCgroup(group.kind.value, group.path, group.inode,
+                          f"{action.reason}; memory.oom.group is set on {group.path}",
+                          _spare(_members(self.snapshot, group), frozenset(), self.domain))
 
     def select(self) -> Decision:
         """The per-task selection (``select_bad_process`` with the policy's say).
@@ -357,8 +446,14 @@ class _Run:
         no_opinion = ("no opinion: the kernel's badness decides",)
         checked_reasons: tuple[str, ...] = ()
         ignored = ("ignored by the policy",)
-        for task in self.tasks:
-            kernel_points = badness_points(task, total)
+        # The kernel's view of every task, fixed before any policy code runs:
+        # a policy that reaches round a frozen task (object.__setattr__)
+        # cannot make an unkillable task killable.
+        tasks = self.tasks
+        points_of = [badness_points(t, total) for t in tasks]
+        keys = [key(t) for t in tasks]
+        for i, task in enumerate(tasks):
+            kernel_points = points_of[i]
             if kernel_points is None:
                 why = unkillable_reason(task) or "unkillable"
                 others.append(Candidate(task, "unkillable", None, (why,)))
@@ -367,37 +462,39 @@ class _Run:
             verdict = DEFAULT_VERDICT if evaluate is None else evaluate(task, ctx)
             if type(verdict) is not Verdict:
                 raise PolicyFailure(
-                    f"returned {verdict!r:.80} for pid {task.pid}, not a verdict "
+                    f"returned {_safe_repr(verdict)} for pid {task.pid}, not a verdict "
                     "(DEFAULT, IGNORE, ABORT or select(points))"
                 )
             reasons = verdict.reasons
-            if reasons and reasons is not checked_reasons:  # policies often reuse theirs
+            if reasons is not checked_reasons:  # policies often reuse theirs
                 if type(reasons) is not tuple or not all(type(r) is str for r in reasons):
-                    raise PolicyFailure(f"returned reasons {reasons!r:.80} for pid "
-                                        f"{task.pid}: reasons must be strings")
+                    raise PolicyFailure(f"returned reasons {_safe_repr(reasons)} for pid "
+                                        f"{task.pid}: reasons must be a tuple of strings")
                 checked_reasons = reasons
             kind = verdict.kind
             if kind == "select":
                 points = verdict.points
-                if type(points) is not int:
-                    raise PolicyFailure(f"returned select({points!r}) for pid "
-                                        f"{task.pid}: points must be an int")
-                reasons = verdict.reasons
+                if type(points) is not int or not POINTS_MIN <= points <= POINTS_MAX:
+                    raise PolicyFailure(f"returned select({_safe_repr(points)}) for pid "
+                                        f"{task.pid}: points must be an int that fits "
+                                        "64 bits")
+                verdict_name: CandidateVerdict = "select"
             elif kind == "default":
                 points = kernel_points
-                reasons = verdict.reasons + no_opinion if verdict.reasons else no_opinion
+                reasons = reasons + no_opinion if reasons else no_opinion
+                verdict_name = "default"
             elif kind == "ignore":
-                others.append(Candidate(task, "ignore", None, verdict.reasons or ignored,
+                others.append(Candidate(task, "ignore", None, reasons or ignored,
                                         None, kernel_points))
                 continue
             elif kind == "abort":
                 aborted_at = task
                 break
             else:
-                raise PolicyFailure(f"returned a verdict of kind {kind!r:.40} for pid "
+                raise PolicyFailure(f"returned a verdict of kind {_safe_repr(kind)} for pid "
                                     f"{task.pid}: not DEFAULT, IGNORE, ABORT or select")
-            ranked.append((points, key(task),
-                           Candidate(task, "select", points, reasons, None, kernel_points)))
+            ranked.append((points, keys[i],
+                           Candidate(task, verdict_name, points, reasons, None, kernel_points)))
         if aborted_at is not None:
             return Decision(
                 domain, policy.name, tuple(c for _, _, c in ranked) + tuple(others), None,
