@@ -8,7 +8,6 @@ root (here and in CI): the ownership checks are exercised for real.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -596,10 +595,9 @@ def test_needs_details(tmp_path: Path) -> None:
     """exe and cmdline are read before deciding only for a policy that asks
     (where Policy carries needs_details)."""
     policy = load_module(str(write(tmp_path, OK_BODY + "\nNEEDS_DETAILS = True\n")))
-    if "needs_details" in {f.name for f in dataclasses.fields(Policy)}:
-        assert policy.needs_details is True  # type: ignore[attr-defined]
-        plain = load_module(str(write(tmp_path, OK_BODY, name="plain.py")))
-        assert plain.needs_details is False  # type: ignore[attr-defined]
+    assert policy.needs_details is True
+    plain = load_module(str(write(tmp_path, OK_BODY, name="plain.py")))
+    assert plain.needs_details is False
 
 
 @pytest.mark.parametrize(
@@ -691,3 +689,17 @@ def test_the_docs_examples_load(tmp_path: Path) -> None:
         body = f.read_text()
         hook = body[body.index("\ndef "):].strip()
         assert hook in text, f"the docs do not show {f.name}'s hook as it is"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "class Mine(BaseException):\n    pass\n\nraise Mine('at load')\n",
+        "raise KeyboardInterrupt\n",
+        "class Mute(Exception):\n    def __str__(self):\n        raise RuntimeError\n\n"
+        "raise Mute()\n",
+    ],
+)
+def test_anything_raised_at_load_is_one_line(tmp_path: Path, body: str) -> None:
+    with pytest.raises(PolicyError, match=r"policy file .*:"):
+        load_module(str(write(tmp_path, OK_BODY + "\n" + body)))

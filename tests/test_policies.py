@@ -30,6 +30,7 @@ from oomwarden.policy import (
     KillCgroup,
     KillProcess,
     Policy,
+    RunHook,
     Verdict,
     select,
 )
@@ -200,10 +201,11 @@ def test_a_policy_cannot_change_what_it_is_given() -> None:
         c.totalpages = 1  # type: ignore[misc]
         return DEFAULT
 
-    s = snap(task(10), task(11))
+    s = snap(task(10), task(11, rss_anon=5_000))
     for fn in (mutate, poke):
         d = run(per_task(fn), s)
-        assert d.fallback is not None and d.victim.task.pid in (10, 11)
+        assert d.fallback is not None and "raised" in d.fallback
+        assert d.victim.task.pid == kernel_decision(s, system_domain(s)).victim.task.pid == 11
     assert [t.pid for t in s.tasks] == [10, 11]
 
 
@@ -324,3 +326,91 @@ def test_builtins_never_crash_never_pick_the_unkillable_and_are_deterministic(
         v = a.victim.task
         assert not v.kthread and not v.global_init and v.oom_score_adj != -1000
         assert a.victim.points == max(c.points for c in a.selectable)  # type: ignore[type-var]
+
+
+# -- review findings: victims and actions the engine must refuse or trim ----------------
+
+
+def test_a_storm_started_by_init_is_credited_to_its_topmost_newborn() -> None:
+    """Children of a newborn forked by init: init can never be the victim, so
+    the storm counts for the newborn that started it."""
+    then = snap(task(1, rss_anon=500), task(10, rss_anon=50_000, start_ticks=1), taken_ns=0)
+    starter = task(30, ppid=1, rss_anon=100, start_ticks=60)
+    storm = [task(100 + i, ppid=30, rss_anon=3_000, start_ticks=70 + i) for i in range(30)]
+    now = snap(task(1, rss_anon=500), task(10, rss_anon=52_000, start_ticks=1), starter,
+               *storm, taken_ns=10**9)
+    d = run(builtins()["growth"], now, history=History(then))
+    assert d.victim is not None and d.victim.task.pid == 30
+
+
+def test_a_cgroup_victim_is_never_the_root_cgroup() -> None:
+    s = snap(task(10, cgroup_v2="/", rss_anon=9_000), task(11, cgroup_v2="/app"))
+    d = run(per_task(lambda t, c: select(t.rss_anon or 0), victim="cgroup"), s)
+    assert d.victim.task.pid == 10 and d.victim_kind == "process"
+    assert d.actions == (KillProcess(10, 1010, d.actions[0].reason),)  # type: ignore[union-attr]
+    assert any("cgroup victim refused" in n for n in d.notes)
+
+
+def test_tree_and_cgroup_kills_spare_what_must_not_die() -> None:
+    parent = task(10, rss_anon=90_000)
+    protected_child = task(11, ppid=10, oom_score_adj=-1000)
+    ignored_child = task(12, ppid=10)
+    plain_child = task(13, ppid=10)
+    s = snap(parent, protected_child, ignored_child, plain_child)
+    policy = per_task(lambda t, c: IGNORE if t.pid == 12 else select(t.rss_anon or 0),
+                      victim="tree")
+    d = run(policy, s)
+    assert d.actions[0] == KillProcess(10, 1010, "the chosen victim, with its tree",
+                                       tree=True, spare_pids=(11, 12))
+    d = run(per_task(policy.evaluate, victim="cgroup"), s)  # type: ignore[arg-type]
+    kill = d.actions[0]
+    assert isinstance(kill, KillCgroup) and kill.path == "/app" and kill.spare_pids == (11, 12)
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        KillProcess(10, 1010, reason=object()),  # type: ignore[arg-type]
+        KillProcess(10, 1010, tree=1),  # type: ignore[arg-type]
+        KillProcess(10, 10**30),
+        RunHook(("/bin/true",), timeout_s=float("nan")),
+        RunHook(("/bin/true",), timeout_s=10**9),
+        DeleteFiles(("relative/path",)),
+        KillCgroup("v2", "/", 100 + 1),
+    ],
+)
+def test_handler_actions_must_be_plain_and_sane(action: Any) -> None:
+    s = snap(task(10), task(11, rss_anon=50_000))
+    d = run(Policy("h", handle=lambda e, c: [action]), s)
+    assert d.fallback is not None and d.victim.task.pid == 11
+
+
+def test_points_must_fit_64_bits() -> None:
+    d = run(per_task(lambda t, c: select(2**70)), snap(task(10)))
+    assert d.fallback is not None and "64 bits" in d.fallback
+
+
+def test_a_policy_raising_keyboard_interrupt_only_costs_its_decision() -> None:
+    def interrupt(t: Task, c: Context) -> Verdict:
+        raise KeyboardInterrupt
+
+    d = run(per_task(interrupt), snap(task(10)))
+    assert d.fallback is not None and "KeyboardInterrupt" in d.fallback
+
+
+def test_an_exception_that_cannot_print_itself() -> None:
+    class Mute(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    def raise_mute(t: Task, c: Context) -> Verdict:
+        raise Mute
+
+    d = run(per_task(raise_mute), snap(task(10)))
+    assert d.fallback is not None and "could not be printed" in d.fallback
+
+
+def test_handle_only_policy_keeps_its_name_when_it_passes() -> None:
+    s = snap(task(10), task(11, rss_anon=50_000))
+    d = run(Policy("just-a-handler", handle=lambda e, c: []), s)
+    assert d.policy == "just-a-handler" and d.victim.task.pid == 11 and d.fallback is None

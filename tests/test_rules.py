@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -693,8 +694,38 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     def refuse(*_a: object, **_k: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("builtins.open", refuse)
+    monkeypatch.setattr("oomwarden.policy.rules.os.open", refuse)
     with pytest.raises(PolicyError, match=r"secret\.toml cannot be read: Permission denied$"):
+        load_rules(str(path))
+
+
+def test_fifo_device_and_huge_files_are_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_rules(str(fifo))
+    link = tmp_path / "zero.toml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_rules(str(link))
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(PolicyError, match="more than"):
+        load_rules(str(big))
+
+
+@pytest.mark.parametrize("regex", ["x{99999999999}", "(" * 2000 + ")" * 2000])
+def test_pathological_regexes_are_one_line_errors(tmp_path: Path, regex: str) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(f"[[rule]]\nmatch.comm = '{regex}'\naction = \"protect\"\n")
+    with pytest.raises(PolicyError, match="bad regex"):
+        load_rules(str(path))
+
+
+def test_factor_out_of_range(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text('[[rule]]\nmatch.comm = "x"\naction = "prefer"\nmultiply = 1e308\n')
+    with pytest.raises(PolicyError, match="outside"):
         load_rules(str(path))
 
 

@@ -39,6 +39,8 @@ EXIT_USAGE = 2
 #: or a fork storm, short enough for an interactive command.
 DEFAULT_WINDOW_S = 2.0
 MAX_WINDOW_S = 600.0
+#: The longest budget a decision may have (a minute is already no OOM killer).
+MAX_BUDGET_MS = 60_000
 
 
 class _Console(Console):
@@ -75,6 +77,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _budget_ms(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_BUDGET_MS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_BUDGET_MS} ms, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="oomwarden",
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take a first snapshot this long before the one ranked, for "
                     f"growth rates (default {DEFAULT_WINDOW_S:g} s for policies that need "
                     "history, else none)")
-    ex.add_argument("--budget-ms", type=_positive, default=int(DEFAULT_BUDGET_S * 1000),
+    ex.add_argument("--budget-ms", type=_budget_ms, default=int(DEFAULT_BUDGET_S * 1000),
                     metavar="MS", help="the policy's time budget for the whole decision "
                     f"(default {DEFAULT_BUDGET_S * 1000:.0f}); past it the kernel policy decides")
     ex.add_argument("--top", type=_positive, default=10, metavar="N",

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 
-from oomwarden.model import Snapshot, Task
+from oomwarden.model import Task
 from oomwarden.policy.api import DEFAULT, Context, Policy, Verdict, select
 from oomwarden.units import fmt_bytes
 
@@ -88,11 +88,12 @@ class _GrowthTable:
     count for the process that forked them), computed once per decision."""
 
     def __init__(self, ctx: Context) -> None:
-        self.key = (id(ctx.snapshot), ctx.snapshot.taken_ns)
+        self.ctx = ctx  # one table per decision (a context is made per decision)
         self.attributed: dict[int, float] = {}
         self.tree_pages: dict[int, int] = {}
         self.newborns: dict[int, int] = {}
         window = ctx.window_seconds
+        in_domain = {t.pid for t in ctx.tasks}
         for t in ctx.tasks:
             own = ctx.growth(t)
             if own is not None:
@@ -102,26 +103,35 @@ class _GrowthTable:
             if window is None:
                 continue
             # Not seen last time: born in the window. Its memory is growth of
-            # the nearest ancestor that was there before.
-            anchor = ctx.parent(t)
-            hops = 0
-            while anchor is not None and ctx.growth(anchor) is None and hops < 64:
-                anchor = ctx.parent(anchor)
-                hops += 1
+            # the nearest ancestor that was there before, if that ancestor is
+            # a killable process of the domain; else of the topmost newborn
+            # ancestor (a storm started by init or from outside the domain).
+            anchor: Task | None = None
+            top_new = t
+            up = ctx.parent(t)
+            for _ in range(64):
+                if up is None or up.pid not in in_domain:
+                    break
+                if ctx.growth(up) is not None:
+                    if ctx.kernel_points(up) is not None:
+                        anchor = up
+                    break
+                top_new = up
+                up = ctx.parent(up)
             if anchor is None:
-                continue
+                anchor = top_new  # possibly t itself: grown from nothing
             grown = _size(t) * ctx.page_size / window
             self.attributed[anchor.pid] = self.attributed.get(anchor.pid, 0.0) + grown
             self.tree_pages[anchor.pid] = self.tree_pages.get(anchor.pid, 0) + _size(t)
-            self.newborns[anchor.pid] = self.newborns.get(anchor.pid, 0) + 1
+            if anchor is not t:
+                self.newborns[anchor.pid] = self.newborns.get(anchor.pid, 0) + 1
 
 
 def _growth_policy() -> Callable[[Task, Context], Verdict]:
     cache: list[_GrowthTable] = []
 
     def table(ctx: Context) -> _GrowthTable:
-        snap: Snapshot = ctx.snapshot
-        if not cache or cache[0].key != (id(snap), snap.taken_ns):
+        if not cache or cache[0].ctx is not ctx:
             cache[:] = [_GrowthTable(ctx)]
         return cache[0]
 

@@ -22,10 +22,11 @@ What the engine guarantees, whatever the policy does:
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
+from dataclasses import fields, replace
 from operator import itemgetter
 
 from oomwarden.decision import Candidate, Decision, Domain
@@ -61,6 +62,9 @@ MIN_BUDGET_S = 0.001
 MAX_BUDGET_S = 60.0
 #: A policy's error messages are cut here in the decision record.
 MAX_MESSAGE = 300
+#: A handler's actions per decision, and a hook's longest timeout.
+MAX_ACTIONS = 1000
+MAX_HOOK_TIMEOUT_S = 600.0
 #: Points must fit the kernel's own type (a signed 64-bit long).
 POINTS_MIN, POINTS_MAX = -(2**63), 2**63 - 1
 
@@ -535,14 +539,49 @@ def _check_actions(
 ) -> tuple[Action, ...]:
     if actions is None:
         return ()
-    if isinstance(actions, (str, bytes)) or not isinstance(actions, (list, tuple)):
-        raise PolicyFailure(f"handler returned {actions!r:.80}, not a list of actions")
-    for a in actions:
-        if not isinstance(a, ACTION_TYPES):
-            raise PolicyFailure(f"handler returned {a!r:.80} among its actions, not an "
+    if type(actions) not in (list, tuple):
+        raise PolicyFailure(f"handler returned {_safe_repr(actions)}, not a list of actions")
+    if len(actions) > MAX_ACTIONS:  # type: ignore[arg-type]
+        raise PolicyFailure(f"handler returned {len(actions)} actions, "  # type: ignore[arg-type]
+                            f"more than {MAX_ACTIONS}")
+    for a in actions:  # type: ignore[attr-defined]
+        if type(a) not in ACTION_TYPES:
+            raise PolicyFailure(f"handler returned {_safe_repr(a)} among its actions, not an "
                                 "action (KillProcess, KillCgroup, DeleteFiles, RunHook)")
+        _check_fields(a)
         _check_action(a, snapshot, domain)
-    return tuple(actions)
+    return tuple(actions)  # type: ignore[arg-type]
+
+
+#: Field types an action must have exactly (a policy may build one with any
+#: values; what reaches the log and the executor must be plain data).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "pid": (int,), "start_ticks": (int,), "inode": (int,), "tree": (bool,),
+    "reason": (str,), "kind": (str,), "path": (str,), "timeout_s": (int, float),
+    "spare_pids": (tuple,), "paths": (tuple,), "argv": (tuple,),
+}
+
+
+def _check_fields(a: Action) -> None:
+    for f in fields(a):
+        value = getattr(a, f.name)
+        if type(value) not in _FIELD_TYPES[f.name]:
+            raise PolicyFailure(f"handler returned {type(a).__name__} with {f.name}="
+                                f"{_safe_repr(value)}: expected "
+                                + " or ".join(t.__name__ for t in _FIELD_TYPES[f.name]))
+        if type(value) is int and not POINTS_MIN <= value <= POINTS_MAX:
+            raise PolicyFailure(f"handler returned {type(a).__name__} with {f.name} out of "
+                                "range")
+        if type(value) is tuple and not all(
+            type(v) is (int if f.name == "spare_pids" else str) for v in value
+        ):
+            raise PolicyFailure(f"handler returned {type(a).__name__} with {f.name}="
+                                f"{_safe_repr(value)} of the wrong types")
+    if isinstance(a, RunHook) and not (
+        math.isfinite(a.timeout_s) and 0 < a.timeout_s <= MAX_HOOK_TIMEOUT_S
+    ):
+        raise PolicyFailure(f"handler returned RunHook with timeout_s={a.timeout_s!r}: "
+                            f"expected 0 < timeout_s <= {MAX_HOOK_TIMEOUT_S:g}")
 
 
 def _check_action(a: Action, snapshot: Snapshot, domain: Domain) -> None:

@@ -33,7 +33,6 @@ it) and executed in a new module object made with
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -211,7 +210,8 @@ def _run(path: str, where: str, source: bytes, timeout_s: float) -> ModuleType:
             exec(code, module.__dict__)
     except PolicyOverrun:
         _fail(f"policy file {where} took more than {timeout_s:g} s to load and was stopped")
-    except (Exception, SystemExit) as e:
+    except BaseException as e:
+        # SystemExit, KeyboardInterrupt and its own BaseException subclasses included)
         _fail(f"policy file {where}{_line_in(e, filename)}: {_describe(e)}")
     finally:
         sys.modules.pop(name, None)
@@ -251,10 +251,19 @@ def _line_in(error: BaseException, filename: str) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    try:
+        message = str(error)
+    except BaseException:
+        message = "(its message could not be printed)"
+    message = message if len(message) <= 300 else message[:300] + "..."
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
     if isinstance(error, SystemExit):
-        text = f"called sys.exit({error.code!r}) while loading"
-    if isinstance(error, ImportError) and "relative import" in str(error):
+        try:
+            code = repr(error.code)[:80]
+        except BaseException:
+            code = "?"
+        text = f"called sys.exit({code}) while loading"
+    if isinstance(error, ImportError) and "relative import" in message:
         text += " (relative imports are not supported in a policy file)"
     return text
 
@@ -303,17 +312,11 @@ def _policy_from(module: ModuleType, path: str, where: str) -> Policy:
         handle=cast(Handle | None, defined.get("handle")),
         victim=victim,
         needs_history=flags["needs_history"],
+        # exe and cmdline are read before deciding only for a policy that asks
+        needs_details=flags["needs_details"],
         description=doc.splitlines()[0] if doc else f"Python policy {where}",
     )
-    if "needs_details" in _POLICY_FIELDS:
-        # Policy.needs_details asks the caller to read exe and cmdline before
-        # deciding; a Policy without that field leaves them None.
-        changes: dict[str, Any] = {"needs_details": flags["needs_details"]}
-        policy = dataclasses.replace(policy, **changes)
     return policy
-
-
-_POLICY_FIELDS = frozenset(f.name for f in dataclasses.fields(Policy))
 
 
 def _own_callables(module: ModuleType) -> dict[str, Any]:

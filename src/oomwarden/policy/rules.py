@@ -43,6 +43,7 @@ import math
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -492,17 +493,38 @@ def load_rules(path: str) -> Policy:
     return read_rules(path).policy()
 
 
+#: A rules file larger than this is refused (a typo pointing at a log file
+#: or a device must not be read without end).
+MAX_RULES_BYTES = 1 << 20
+#: The range of ``multiply`` (a factor of 1e308 overflows every decision).
+MIN_FACTOR, MAX_FACTOR = 1e-6, 1e6
+
+
 def read_rules(path: str) -> RuleSet:
-    """The compiled rules of ``path``."""
+    """The compiled rules of ``path``: a regular file (opened without blocking,
+    so a FIFO cannot hang the load) of at most :data:`MAX_RULES_BYTES`."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise PolicyError(f"rules file {path} does not exist") from None
-    except IsADirectoryError:
-        raise PolicyError(f"rules file {path} is a directory, not a file") from None
     except OSError as e:
         raise PolicyError(f"rules file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise PolicyError(f"rules file {path} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise PolicyError(f"rules file {path} is not a regular file")
+        if info.st_size > MAX_RULES_BYTES:
+            raise PolicyError(f"rules file {path} is {info.st_size} bytes, more than "
+                              f"{MAX_RULES_BYTES} (is it really a rules file?)")
+        raw = os.read(fd, MAX_RULES_BYTES + 1)
+        if len(raw) > MAX_RULES_BYTES:
+            raise PolicyError(f"rules file {path} is larger than {MAX_RULES_BYTES} bytes")
+    except OSError as e:
+        raise PolicyError(f"rules file {path} cannot be read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -698,7 +720,7 @@ class _Compiler:
                 raise self.fail(where, ctx, f"{label}: empty regex (it would match anything)")
             try:
                 return {key: re.compile(value)}
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError, ValueError) as e:
                 raise self.fail(where, ctx, f"{label}: bad regex: {e}") from None
         if key == "cgroup":
             globs = self.strings(value, where, ctx, label, "a glob")
@@ -782,6 +804,9 @@ class _Compiler:
         m = float(value)
         if not math.isfinite(m):
             raise self.fail(where, ctx, f"multiply: {value} is not a finite number")
+        if not MIN_FACTOR <= m <= MAX_FACTOR:
+            raise self.fail(where, ctx, f"multiply: {m:g} is outside {MIN_FACTOR:g} to "
+                                        f"{MAX_FACTOR:g}")
         if action == "prefer" and not m > 1:
             raise self.fail(where, ctx, f"multiply: prefer multiplies by more than 1, not {m:g}")
         if action == "avoid" and not 0 < m < 1:
