@@ -77,7 +77,7 @@ def run(policy: Policy, s: Snapshot, **kw: Any) -> Decision:
 
 def test_every_example_is_tested() -> None:
     tested = {"protect-db-kill-grower.py", "batch-before-interactive.toml",
-              "tmpfs-cache-first.py", "kill-whole-build.toml", "earlyoom-prefer-avoid.toml",
+              "tmpfs-cache-first.py", "kill-whole-build.py", "earlyoom-prefer-avoid.toml",
               "psi-per-cgroup.py"}
     assert {p.name for p in EXAMPLES.iterdir()} == tested
 
@@ -128,16 +128,26 @@ def test_tmpfs_cache_first(tmp_path: Path) -> None:
 
 
 def test_kill_whole_build(tmp_path: Path) -> None:
-    policy = load("kill-whole-build.toml", tmp_path)
+    policy = load("kill-whole-build.py", tmp_path)
     s = snap(task(10, "/build.slice/run-42.scope", comm="cc1plus", rss_anon=3_000),
              task(11, "/build.slice/run-42.scope", comm="make", rss_anon=500),
+             task(14, "/build.slice/run-7.scope/sub", comm="ld", rss_anon=9_000),
              task(12, "/app", rss_anon=400_000),
              task(13, "/system.slice/ci-agent.service", rss_anon=800_000))
+    s = Snapshot(s.taken_ns, s.system, s.tasks, s.hierarchies, (
+        *s.cgroups,
+        Cgroup(V2, "/build.slice/run-7.scope", "/sys/fs/cgroup/build.slice/run-7.scope", 77,
+               True, True, limit=page_counter_max_bytes(PAGE))))
     d = run(policy, s)
-    assert d.victim is not None and d.victim.task.pid == 10
-    assert len(d.actions) == 1 and isinstance(d.actions[0], KillCgroup)
-    assert d.actions[0].path == "/build.slice/run-42.scope"
-    assert {c.task.pid: c.verdict for c in d.candidates}[13] == "ignore"
+    # the build using the most memory, whole (run-7: 9,010 pages with its subgroup)
+    assert d.victim is None and len(d.actions) == 1 and isinstance(d.actions[0], KillCgroup)
+    assert d.actions[0].path == "/build.slice/run-7.scope" and d.actions[0].inode == 77
+    # no build: the kernel's own choice, one process, never the CI agent
+    s2 = snap(task(12, "/app", rss_anon=400_000),
+              task(13, "/system.slice/ci-agent.service", rss_anon=800_000))
+    d = run(policy, s2)
+    assert d.victim is not None and d.victim.task.pid == 12
+    assert d.actions == (KillProcess(12, 112, "the chosen victim"),)
 
 
 def test_earlyoom_prefer_avoid(tmp_path: Path) -> None:
