@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -302,7 +303,7 @@ TASKS = st.lists(
             start_ticks=start, cgroup_v2=path),
         st.integers(1, 400), st.integers(0, 10**6), st.integers(-1000, 1000),
         st.integers(0, 10**5), st.booleans(), st.integers(0, 10**4),
-        st.sampled_from(["/app", "/system.slice/x", "/batch.slice/y", "/user.slice/z"]),
+        st.sampled_from(["/app", "/system.slice/x", "/batch.slice/y", "/user.slice/z", "/"]),
     ),
     max_size=25, unique_by=lambda t: t.pid,
 )
@@ -326,6 +327,53 @@ def test_builtins_never_crash_never_pick_the_unkillable_and_are_deterministic(
         v = a.victim.task
         assert not v.kthread and not v.global_init and v.oom_score_adj != -1000
         assert a.victim.points == max(c.points for c in a.selectable)  # type: ignore[type-var]
+        (action,) = a.actions
+        if isinstance(action, KillCgroup):  # never the root; never kills the protected
+            assert action.path != "/"
+            members = [t for t in tasks if t.cgroup_v2 == action.path]
+            assert {t.pid for t in members if t.oom_score_adj == -1000 or t.kthread} <= set(
+                action.spare_pids)
+        else:
+            assert isinstance(action, KillProcess) and action.pid == v.pid
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tasks=TASKS, kind=st.sampled_from(["process", "tree", "cgroup"]),
+       ignore_mod=st.integers(2, 5))
+def test_units_never_take_ignored_or_unkillable_members(
+    tasks: list[Task], kind: str, ignore_mod: int
+) -> None:
+    """Whatever the victim kind, the kill spares every member the policy ignored
+    or the kernel would never kill, and a cgroup kill is never the root."""
+    tasks = [replace(t, ppid=tasks[0].pid) if i % 3 == 0 and tasks else t
+             for i, t in enumerate(tasks)]
+    cgs = (cg("/"), cg("/app"), cg("/system.slice/x"), cg("/batch.slice/y"),
+           cg("/user.slice/z"))
+    s = snap(*tasks, cgroups=cgs)
+    policy = per_task(lambda t, c: IGNORE if t.pid % ignore_mod == 0 else select(t.pid),
+                      victim=kind)  # type: ignore[arg-type]
+    d = run(policy, s)
+    assert d.fallback is None
+    if d.victim is None:
+        return
+    ignored = {t.pid for t in tasks if t.pid % ignore_mod == 0}
+    unkillable = {t.pid for t in tasks
+                  if t.kthread or t.global_init or t.oom_score_adj == -1000 or not t.has_mm}
+    (action,) = d.actions
+    assert isinstance(action, (KillProcess, KillCgroup))
+    if isinstance(action, KillCgroup):
+        assert action.path != "/"
+        members = {t.pid for t in tasks if t.cgroup_v2 == action.path}
+        assert (members & (ignored | unkillable)) <= set(action.spare_pids)
+    elif action.tree:
+        assert action.pid not in ignored | unkillable
+        below, level = set(), {action.pid}
+        while level:
+            level = {t.pid for t in tasks if t.ppid in level and t.pid not in below}
+            below |= level
+        assert (below & (ignored | unkillable)) <= set(action.spare_pids)
+    else:
+        assert action.pid == d.victim.task.pid and action.pid not in ignored | unkillable
 
 
 # -- review findings: victims and actions the engine must refuse or trim ----------------
