@@ -1,0 +1,396 @@
+"""The executor: carries a decision's actions out on the real kernel.
+
+Everything here is I/O; it trusts nothing it is given:
+
+* **A process is (pid, start time).** It is opened as a pidfd first, then its
+  start time is read from ``/proc/PID/stat`` and compared: a PID that now
+  names another process is refused, and every later signal goes through the
+  pidfd, which cannot be recycled.
+* **Never**: pid 1, the warden itself (and the pids it is told to spare, such
+  as its watchdog), kernel threads, ``oom_score_adj`` -1000 (re-read at kill
+  time), and the ``spare_pids`` of a unit kill.
+* **A kill** is SIGTERM, a grace period, then SIGKILL (or SIGKILL at once),
+  then ``process_mrelease()`` so that the memory is freed now rather than by
+  the exiting task, then a bounded wait for the exit on the pidfd.
+* **A process tree** is stopped whole first (SIGSTOP, so nothing escapes by
+  forking), then killed; repeated in bounded rounds for children that were
+  forked while it was read.
+* **A cgroup** is killed with ``cgroup.kill`` where the cgroup has one and
+  nothing is to be spared, else by killing every process of its
+  ``cgroup.procs`` (recursively) through pidfds, in bounded rounds.
+* **Files** are deleted only on a tmpfs (``fstatfs`` of the directory, not a
+  path test), only regular files, never through a symlink; the bytes freed
+  are counted.
+* **Hooks** run with argv (no shell), a timeout, and the victim in the
+  environment.
+
+In dry-run mode every check runs and nothing is signalled or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import platform
+import select
+import signal
+import stat as stat_mod
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from oomwarden.errors import ParseError
+from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
+from oomwarden.sources.cgroupfs import find_hierarchies
+from oomwarden.sources.fsmagic import TMPFS_MAGIC
+from oomwarden.sources.parse import parse_oom_score_adj, parse_stat
+
+#: Bounds: a kill must end, whatever the victim does.
+EXIT_WAIT_S = 2.0
+MAX_ROUNDS = 10
+MAX_TREE = 10_000
+HOOK_TIMEOUT_S = 10.0
+
+_SYS_PROCESS_MRELEASE = {"x86_64": 448, "aarch64": 448}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
+
+
+def process_mrelease(pidfd: int) -> str:
+    """Free a killed process's memory now. Returns "released", "gone" (ESRCH:
+    the exit already freed it, which is success) or why it could not."""
+    number = _SYS_PROCESS_MRELEASE.get(platform.machine())
+    if number is None:
+        return "unsupported on this architecture"
+    if _libc.syscall(ctypes.c_long(number), ctypes.c_int(pidfd), ctypes.c_uint(0)) == 0:
+        return "released"
+    err = ctypes.get_errno()
+    if err == errno.ESRCH:
+        return "gone"
+    return os.strerror(err)
+
+
+def fstatfs_magic(fd: int) -> int:
+    buf = _StatFs()
+    if _libc.fstatfs(ctypes.c_int(fd), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What became of one action."""
+
+    action: str
+    ok: bool
+    detail: str
+    seconds: float
+    killed: tuple[int, ...] = ()
+    freed_bytes: int | None = None
+
+
+@dataclass
+class Executor:
+    """Carries actions out. ``protect`` holds pids never to signal besides the
+    built-in ones (pid 1, this process)."""
+
+    proc_root: str = "/proc"
+    dry_run: bool = False
+    sigterm_grace_s: float = 0.0
+    protect: frozenset[int] = field(default_factory=frozenset)
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self, actions: Iterable[Action], env: dict[str, str] | None = None) -> list[Result]:
+        return [self.execute(a, env) for a in actions]
+
+    def execute(self, action: Action, env: dict[str, str] | None = None) -> Result:
+        started = self.clock()
+        try:
+            if isinstance(action, KillProcess):
+                if action.tree:
+                    return self._kill_tree(action, started)
+                return self._kill_one(action, started)
+            if isinstance(action, KillCgroup):
+                return self._kill_cgroup(action, started)
+            if isinstance(action, DeleteFiles):
+                return self._delete(action, started)
+            return self._hook(action, env or {}, started)
+        except OSError as e:  # the executor's own I/O; never an exception to the caller
+            return Result(type(action).__name__, False, f"{e.strerror or e}",
+                          self.clock() - started)
+
+    # -- processes ------------------------------------------------------------------
+
+    def _why_not(self, pid: int, start_ticks: int | None) -> str | None:
+        """None if the process may be signalled, else why not."""
+        if pid <= 1:
+            return "pid 1 is never killed"
+        if pid == os.getpid() or pid in self.protect:
+            return f"pid {pid} is the warden or protected"
+        try:
+            with open(f"{self.proc_root}/{pid}/stat", "rb") as f:
+                info = parse_stat(f.read())
+            with open(f"{self.proc_root}/{pid}/oom_score_adj", "rb") as f:
+                adj = parse_oom_score_adj(f.read())
+        except (OSError, ParseError):
+            return f"pid {pid} is gone"
+        if start_ticks is not None and info.start_ticks != start_ticks:
+            return f"pid {pid} now names another process (start {info.start_ticks}, not " \
+                   f"{start_ticks})"
+        if info.kthread:
+            return f"pid {pid} is a kernel thread"
+        if adj <= -1000:
+            return f"pid {pid} has oom_score_adj -1000"
+        return None
+
+    def _open(self, pid: int, start_ticks: int | None) -> tuple[int | None, str | None]:
+        """A pidfd for the process, taken *before* its identity is checked."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError as e:
+            return None, f"pid {pid}: {e.strerror}"
+        why = self._why_not(pid, start_ticks)
+        if why is not None:
+            os.close(fd)
+            return None, why
+        return fd, None
+
+    def _signal(self, fd: int, sig: int) -> bool:
+        if self.dry_run:
+            return True
+        try:
+            signal.pidfd_send_signal(fd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def _wait(self, fds: list[int], timeout_s: float) -> bool:
+        """True when every pidfd reports its process gone within the timeout."""
+        deadline = self.clock() + timeout_s
+        left = list(fds)
+        while left:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select(left, [], [], remaining)
+            left = [fd for fd in left if fd not in ready]
+        return True
+
+    def _kill_fds(self, fds: list[int]) -> str:
+        """SIGKILL, release the memory, wait for the exits. Returns a summary."""
+        for fd in fds:
+            self._signal(fd, signal.SIGKILL)
+        released = 0
+        if not self.dry_run:
+            for fd in fds:
+                if process_mrelease(fd) in ("released", "gone"):
+                    released += 1
+        exited = True if self.dry_run else self._wait(fds, EXIT_WAIT_S)
+        return (f"{len(fds)} killed, {released} released" +
+                ("" if exited else f"; not all exited within {EXIT_WAIT_S:g} s"))
+
+    def _kill_one(self, action: KillProcess, started: float) -> Result:
+        fd, why = self._open(action.pid, action.start_ticks)
+        if fd is None:
+            return Result("kill_process", False, f"refused: {why}", self.clock() - started)
+        try:
+            if self.sigterm_grace_s > 0 and self._signal(fd, signal.SIGTERM) and (
+                self.dry_run or self._wait([fd], self.sigterm_grace_s)
+            ):
+                return Result("kill_process", True, "SIGTERM: exited within the grace"
+                              + self._dry(), self.clock() - started, (action.pid,))
+            summary = self._kill_fds([fd])
+            return Result("kill_process", True, summary + self._dry(), self.clock() - started,
+                          (action.pid,))
+        finally:
+            os.close(fd)
+
+    def _children(self, pid: int) -> list[int]:
+        out: list[int] = []
+        try:
+            tasks = os.listdir(f"{self.proc_root}/{pid}/task")
+        except OSError:
+            return out
+        for tid in tasks:
+            with contextlib.suppress(OSError, ValueError), open(
+                f"{self.proc_root}/{pid}/task/{tid}/children"
+            ) as f:
+                out.extend(int(x) for x in f.read().split())
+        return out
+
+    def _kill_tree(self, action: KillProcess, started: float) -> Result:
+        root_fd, why = self._open(action.pid, action.start_ticks)
+        if root_fd is None:
+            return Result("kill_tree", False, f"refused: {why}", self.clock() - started)
+        fds = {action.pid: root_fd}
+        spare = set(action.spare_pids)
+        refused: list[str] = []
+        try:
+            # Stop first, level by level, so that nothing escapes by forking;
+            # rounds catch children forked while a level was being read.
+            self._signal(root_fd, signal.SIGSTOP)
+            # A spared member is not killed, but its descendants still are
+            # (each was judged on its own).
+            seen = {action.pid}
+            for _ in range(MAX_ROUNDS):
+                found = False
+                for pid in [*fds, *(spare & seen)]:
+                    for child in self._children(pid):
+                        if child in seen or len(seen) >= MAX_TREE:
+                            continue
+                        seen.add(child)
+                        found = True
+                        if child in spare:
+                            continue
+                        fd, why_child = self._open(child, None)
+                        if fd is None:
+                            refused.append(why_child or "?")
+                            spare.add(child)
+                            continue
+                        self._signal(fd, signal.SIGSTOP)
+                        fds[child] = fd
+                if not found:
+                    break
+            summary = self._kill_fds(list(fds.values()))
+            spared = f"; spared {sorted(spare)}" if spare else ""
+            if refused:
+                spared += "; refused: " + "; ".join(refused[:5])
+            return Result("kill_tree", True, summary + spared + self._dry(),
+                          self.clock() - started, tuple(sorted(fds)))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    # -- cgroups --------------------------------------------------------------------
+
+    def _kill_cgroup(self, action: KillCgroup, started: float) -> Result:
+        mount = next((h.mount_point for h in find_hierarchies(self.proc_root)
+                      if h.kind.value == action.kind and h.verified), None)
+        if mount is None:
+            return Result("kill_cgroup", False, f"refused: no verified {action.kind} hierarchy",
+                          self.clock() - started)
+        if action.path == "/":
+            return Result("kill_cgroup", False, "refused: the root cgroup is never killed",
+                          self.clock() - started)
+        path = os.path.join(mount, action.path.lstrip("/"))
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return Result("kill_cgroup", False, f"refused: {action.path} is gone",
+                          self.clock() - started)
+        if inode != action.inode:
+            return Result("kill_cgroup", False, f"refused: {action.path} is another cgroup now "
+                          f"(inode {inode}, not {action.inode})", self.clock() - started)
+        spare = set(action.spare_pids)
+        members = self._members(path)
+        protected = [p for p in members if p in spare or self._why_not(p, None)]
+        kill_file = os.path.join(path, "cgroup.kill")
+        if not protected and os.path.exists(kill_file):
+            if not self.dry_run:
+                with open(kill_file, "w") as f:
+                    f.write("1")
+            return Result("kill_cgroup", True, f"cgroup.kill on {action.path} "
+                          f"({len(members)} processes){self._dry()}", self.clock() - started,
+                          tuple(sorted(members)))
+        killed: set[int] = set()
+        for _ in range(MAX_ROUNDS):
+            fds = []
+            for pid in self._members(path):
+                if pid in killed or pid in spare:
+                    continue
+                fd, _why = self._open(pid, None)
+                if fd is None:
+                    spare.add(pid)
+                    continue
+                fds.append(fd)
+                killed.add(pid)
+            if not fds:
+                break
+            try:
+                self._kill_fds(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            if self.dry_run:
+                break
+        spared = f"; spared {sorted(spare)}" if spare else ""
+        return Result("kill_cgroup", True, f"{len(killed)} processes of {action.path} killed "
+                      f"one by one{spared}{self._dry()}", self.clock() - started,
+                      tuple(sorted(killed)))
+
+    def _members(self, path: str) -> list[int]:
+        pids: list[int] = []
+        for dirpath, _dirs, files in os.walk(path):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError, ValueError), open(
+                    os.path.join(dirpath, "cgroup.procs")
+                ) as f:
+                    pids.extend(int(x) for x in f.read().split())
+            if len(pids) > MAX_TREE:
+                break
+        return pids
+
+    # -- files and hooks -----------------------------------------------------------------
+
+    def _delete(self, action: DeleteFiles, started: float) -> Result:
+        freed = 0
+        deleted = 0
+        refused: list[str] = []
+        for path in action.paths:
+            directory, name = os.path.split(path)
+            if not os.path.isabs(path) or not name or name in (".", ".."):
+                refused.append(f"{path}: not an absolute file path")
+                continue
+            try:
+                dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                refused.append(f"{path}: {e.strerror}")
+                continue
+            try:
+                if fstatfs_magic(dfd) != TMPFS_MAGIC:
+                    refused.append(f"{path}: not on a tmpfs")
+                    continue
+                info = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if not stat_mod.S_ISREG(info.st_mode):
+                    refused.append(f"{path}: not a regular file")
+                    continue
+                if not self.dry_run:
+                    os.unlink(name, dir_fd=dfd)
+                freed += info.st_blocks * 512
+                deleted += 1
+            except OSError as e:
+                refused.append(f"{path}: {e.strerror}")
+            finally:
+                os.close(dfd)
+        detail = f"{deleted} files deleted, {freed} bytes freed"
+        if refused:
+            detail += "; refused: " + "; ".join(refused[:5])
+        return Result("delete_files", deleted > 0 or not action.paths, detail + self._dry(),
+                      self.clock() - started, freed_bytes=freed)
+
+    def _hook(self, action: RunHook, env: dict[str, str], started: float) -> Result:
+        if self.dry_run:
+            return Result("run_hook", True, f"would run {list(action.argv)}", 0.0)
+        try:
+            done = subprocess.run(list(action.argv), env={**os.environ, **env},
+                                  timeout=min(action.timeout_s, HOOK_TIMEOUT_S * 60),
+                                  capture_output=True, check=False)
+        except subprocess.TimeoutExpired:
+            return Result("run_hook", False, f"timed out after {action.timeout_s:g} s",
+                          self.clock() - started)
+        except OSError as e:
+            return Result("run_hook", False, f"{action.argv[0]}: {e.strerror}",
+                          self.clock() - started)
+        return Result("run_hook", done.returncode == 0, f"exit status {done.returncode}",
+                      self.clock() - started)
+
+    def _dry(self) -> str:
+        return " (dry run: nothing was done)" if self.dry_run else ""
