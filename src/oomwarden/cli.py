@@ -20,6 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from oomwarden import __version__
+from oomwarden.config import default_config, load_config, summarize
+from oomwarden.daemon import warden_from_config
 from oomwarden.decision import Candidate, Decision, action_to_json
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
@@ -121,7 +123,48 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take cgroup mount points from mountinfo below DIR (recorded trees)")
     ex.add_argument("--no-verify-fs", action="store_true",
                     help="do not statfs-check cgroup mounts (recorded trees only)")
+    cc = sub.add_parser(
+        "check-config",
+        help="check a daemon config file and summarise its watches",
+        description="Load and check a config file completely, as `oomwarden run` would "
+        "(policies included), and summarise each watch. A bad file: one line naming "
+        "the file, the line and the key, and exit status 2.",
+    )
+    cc.add_argument("file", nargs="?", metavar="FILE", help="the TOML config file")
+    cc.add_argument("--default", action="store_true",
+                    help="show the built-in default config (earlyoom's thresholds), used "
+                    "when no config file is given")
+    rn = sub.add_parser(
+        "run",
+        help="the daemon: handle memory cgroup OOMs and memory thresholds",
+        description="Run in the foreground until SIGTERM or SIGINT. With no --config, "
+        "earlyoom's defaults (the system domain, MemAvailable and SwapFree thresholds, "
+        "the kernel policy). Every decision is one JSON line in the decision log.",
+    )
+    rn.add_argument("--config", metavar="FILE", help="the TOML config file")
+    rn.add_argument("--dry-run", action="store_true",
+                    help="decide and log, but never pause the kernel's killer and never "
+                    "signal or delete anything")
     return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else default_config()
+    for line in summarize(config):
+        sys.stderr.write(f"oomwarden: {line}\n")
+    return warden_from_config(config, dry_run=args.dry_run).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Load and check a config file (or take the built-in default) and print
+    a summary of every watch."""
+    if args.default == (args.file is not None):
+        raise OomwardenError("check-config: give a config FILE or --default (one of them)")
+    config = default_config() if args.default else load_config(args.file)
+    name = "the built-in default config" if args.default else f"config {config.source}"
+    sys.stdout.write("".join(f"{line}\n" for line in [*summarize(config), f"{name} is valid"]))
+    sys.stdout.flush()
+    return 0
 
 
 def _take_snapshot(args: argparse.Namespace, details: bool = False) -> Snapshot:
@@ -293,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "explain":
             return cmd_explain(args)
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "run":
+            return cmd_run(args)
     except OomwardenError as e:
         sys.stderr.write(f"oomwarden: error: {e}\n")
         return EXIT_USAGE

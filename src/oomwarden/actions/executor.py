@@ -105,6 +105,8 @@ class Executor:
     proc_root: str = "/proc"
     dry_run: bool = False
     sigterm_grace_s: float = 0.0
+    #: SIGTERM only, no SIGKILL unless a grace is set (earlyoom's first level).
+    term_only: bool = False
     protect: frozenset[int] = field(default_factory=frozenset)
     clock: Callable[[], float] = time.monotonic
 
@@ -202,6 +204,10 @@ class Executor:
         if fd is None:
             return Result("kill_process", False, f"refused: {why}", self.clock() - started)
         try:
+            if self.term_only and self.sigterm_grace_s <= 0:
+                self._signal(fd, signal.SIGTERM)
+                return Result("kill_process", True, "SIGTERM" + self._dry(),
+                              self.clock() - started, (action.pid,))
             if self.sigterm_grace_s > 0 and self._signal(fd, signal.SIGTERM) and (
                 self.dry_run or self._wait([fd], self.sigterm_grace_s)
             ):

@@ -1,0 +1,433 @@
+"""The daemon: memory-cgroup OOM events -> snapshot -> engine -> executor -> log.
+
+This first daemon handles the ``oom`` trigger of cgroup v1 memory cgroups:
+user-space OOM handling as the kernel offers it. For each watched cgroup it
+pauses the kernel's killer (``memory.oom_control`` oom_kill_disable=1) and
+asks for an eventfd on ``memory.oom_control`` through ``cgroup.event_control``.
+When the cgroup reaches its limit, the kernel stops its tasks and wakes the
+warden, which decides (bounded by the budget) and kills.
+
+The kernel's own killer stays the safety net, always:
+
+* if a decision fails, selects nothing, aborts, or its actions fail, the
+  warden hands that OOM to the kernel (oom_kill_disable=0) and takes it back
+  once the cgroup is out of its OOM;
+* on every exit path the warden restores oom_kill_disable=0 itself;
+* a watchdog process (:mod:`oomwarden.watchdog`) restores it if the warden is
+  SIGKILLed;
+* in dry-run mode the kernel's killer is never paused: the warden listens to
+  the same events, logs what it would have done, and signals nothing.
+
+One event loop (``selectors``), no polling: eventfds, and a self-pipe for
+SIGTERM / SIGINT / SIGHUP. Every decision is one JSON line in the decision log
+and every kill one human line on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+from oomwarden.actions.executor import Executor, Result
+from oomwarden.config import Config, ConfigError, Threshold
+from oomwarden.decision import Decision
+from oomwarden.domains import resolve_cgroup
+from oomwarden.errors import OomwardenError
+from oomwarden.model import HierarchyKind
+from oomwarden.policy.api import Event, Policy
+from oomwarden.policy.budget import signal_guard
+from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
+from oomwarden.policy.engine import cgroup_domain, system_domain
+from oomwarden.sources.procfs import read_system
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+
+#: How often a cgroup handed to the kernel is checked for the end of its OOM.
+HANDBACK_POLL_S = 0.1
+#: How long the loop sleeps at most with nothing to do (it wakes on events).
+IDLE_S = 1.0
+#: The threshold checks: at least this far apart, and the memory fill rate
+#: earlyoom assumes when it spaces its checks (bytes per second).
+THRESHOLD_MIN_S = 0.1
+FILL_RATE = 6e9
+
+
+class DaemonError(OomwardenError):
+    """The daemon cannot start (a watch that cannot be set up)."""
+
+
+@dataclass
+class WatchSpec:
+    """One watched memory cgroup, as the configuration gives it."""
+
+    cgroup: str
+    policy: Policy
+    sigterm_grace_s: float = 0.0
+    cooldown_s: float = 5.0
+    dry_run: bool = False
+
+
+@dataclass
+class ThresholdSpec:
+    """The system domain watched by MemAvailable / SwapFree levels (earlyoom)."""
+
+    policy: Policy
+    threshold: Threshold
+    sigterm_grace_s: float = 0.0
+    cooldown_s: float = 5.0
+    dry_run: bool = False
+
+
+@dataclass
+class _Threshold:
+    spec: ThresholdSpec
+    next_check: float = 0.0
+    last_action: float = -1e9
+    decisions: int = 0
+
+
+@dataclass
+class _Watch:
+    spec: WatchSpec
+    path: str  # inside the hierarchy
+    fs_path: str
+    inode: int
+    event_fd: int
+    control_fd: int
+    paused: bool = False  # we set oom_kill_disable=1
+    handed_over: bool = False
+    last_kill: float = 0.0
+    decisions: int = 0
+
+    @property
+    def oom_control(self) -> str:
+        return os.path.join(self.fs_path, "memory.oom_control")
+
+
+@dataclass
+class Warden:
+    """The daemon. ``run()`` stays in the foreground until SIGTERM/SIGINT."""
+
+    specs: list[WatchSpec]
+    decision_log: str
+    thresholds: list[ThresholdSpec] = field(default_factory=list)
+    budget_s: float = DEFAULT_BUDGET_S
+    dry_run: bool = False
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    watches: list[_Watch] = field(default_factory=list)
+    _thresholds: list[_Threshold] = field(default_factory=list)
+    _watchdog: subprocess.Popen[bytes] | None = None
+    _stop: bool = False
+    _log: TextIO | None = None
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Set every watch up, or none (a failure undoes what was done)."""
+        try:
+            os.makedirs(os.path.dirname(self.decision_log) or ".", exist_ok=True)
+            self._log = open(self.decision_log, "a", buffering=1)  # noqa: SIM115
+        except OSError as e:
+            raise DaemonError(f"cannot open the decision log {self.decision_log}: "
+                              f"{e.strerror}") from None
+        try:
+            snapshot = build_snapshot(SourceConfig())
+            for spec in self.specs:
+                self.watches.append(self._watch(spec, snapshot))
+            self._thresholds = [_Threshold(t) for t in self.thresholds]
+            paused = [w.oom_control for w in self.watches if w.paused]
+            if paused:
+                self._watchdog = subprocess.Popen(
+                    [sys.executable, "-m", "oomwarden.watchdog", str(os.getpid()), *paused],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                )
+                assert self._watchdog.stdout is not None
+                self._watchdog.stdout.readline()  # "watching": armed before any OOM
+        except BaseException:
+            self.stop()
+            raise
+
+    def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
+        cg = resolve_cgroup(snapshot, spec.cgroup)
+        if cg.kind is not HierarchyKind.V1 or not cg.memory_controller:
+            raise DaemonError(f"{spec.cgroup}: the oom trigger needs a cgroup v1 memory "
+                              f"cgroup (found {cg.name})")
+        if not cg.verified:
+            raise DaemonError(f"{cg.fs_path} is not on a cgroup filesystem: its limit "
+                              "limits nothing")
+        if cg.path == "/":
+            raise DaemonError("the root memory cgroup has no limit of its own")
+        control = os.path.join(cg.fs_path, "memory.oom_control")
+        control_fd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
+        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            with open(os.path.join(cg.fs_path, "cgroup.event_control"), "w") as f:
+                f.write(f"{event_fd} {control_fd}")
+            watch = _Watch(spec, cg.path, cg.fs_path, cg.inode, event_fd, control_fd)
+            if not (self.dry_run or spec.dry_run):
+                with open(control, "w") as f:
+                    f.write("1")
+                watch.paused = True
+            return watch
+        except OSError as e:
+            os.close(event_fd)
+            os.close(control_fd)
+            raise DaemonError(f"{spec.cgroup}: cannot set up OOM events: {e.strerror}") from None
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.start()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT,
+                                                       signal.SIGHUP)}
+
+        def wake(signum: int, _frame: FrameType | None) -> None:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop = True
+
+        old_wakeup = signal.set_wakeup_fd(write_end)
+        for s in previous:
+            signal.signal(s, wake)
+        selector = selectors.DefaultSelector()
+        selector.register(read_end, selectors.EVENT_READ, None)
+        for w in self.watches:
+            selector.register(w.event_fd, selectors.EVENT_READ, w)
+        self._say(f"watching {len(self.watches)} memory cgroups and "
+                  f"{len(self._thresholds)} memory thresholds"
+                  + (" (dry run: the kernel's killer stays in charge)" if self.dry_run else ""))
+        try:
+            while not self._stop:
+                timeout = HANDBACK_POLL_S if any(w.handed_over for w in self.watches) else IDLE_S
+                now = time.monotonic()
+                for t in self._thresholds:
+                    timeout = min(timeout, max(0.0, t.next_check - now))
+                for key, _ in selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(OSError):
+                            os.read(read_end, 512)
+                        continue
+                    self._on_event(key.data)
+                self._take_back()
+                for t in self._thresholds:
+                    if time.monotonic() >= t.next_check:
+                        self._check_threshold(t)
+        finally:
+            selector.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            os.close(read_end)
+            os.close(write_end)
+            self.stop()
+        return 0
+
+    def _on_event(self, w: _Watch) -> None:
+        event_ns = time.time_ns()
+        try:
+            os.read(w.event_fd, 8)
+        except OSError:
+            return
+        dry = self.dry_run or w.spec.dry_run
+        if not dry and not self._under_oom(w):
+            return  # a wake-up without an OOM (e.g. the cgroup was removed)
+        # In a dry run the kernel's killer was never paused: by now it has
+        # usually acted, and the decision shows what the warden would do next.
+        snapshot = build_snapshot(SourceConfig())
+        cg = next((c for c in snapshot.cgroups
+                   if c.kind is HierarchyKind.V1 and c.path == w.path), None)
+        if cg is None or cg.inode != w.inode:
+            self._hand_over(w, "the watched cgroup changed")
+            return
+        decision = decide(snapshot, cgroup_domain(snapshot, cg), w.spec.policy,
+                          event=Event("oom", f"cgroup:{w.path}"), guard=signal_guard,
+                          budget_s=self.budget_s)
+        decided_ns = time.time_ns()
+        executor = Executor(dry_run=dry, sigterm_grace_s=w.spec.sigterm_grace_s,
+                            protect=frozenset(self._own_pids()))
+        results = executor.run(decision.actions, self._hook_env(decision))
+        done_ns = time.time_ns()
+        w.decisions += 1
+        self._record(f"cgroup:{w.path}", decision, results, (event_ns, decided_ns, done_ns),
+                     dry)
+        if not dry and (not decision.actions or not any(r.ok for r in results)):
+            self._hand_over(w, "no action succeeded" if decision.actions else
+                            "the policy chose nothing")
+        elif not dry:
+            w.last_kill = time.monotonic()
+
+    def _check_threshold(self, t: _Threshold) -> None:
+        """earlyoom's rule: both MemAvailable and SwapFree at or below a level.
+        The next check comes sooner the nearer memory is to the level (at the
+        fill rate earlyoom assumes, 6 GB/s), between 0.1 and 1 s."""
+        now = time.monotonic()
+        try:
+            memory = read_system()
+        except OomwardenError as e:
+            self._say(f"cannot read memory: {e}")
+            t.next_check = now + IDLE_S
+            return
+        available = memory.mem_available if memory.mem_available is not None else 0
+        mem_pct = 100.0 * available / max(1, memory.mem_total)
+        swap_pct = (None if memory.swap_total == 0 else
+                    100.0 * memory.swap_free / memory.swap_total)
+        level = t.spec.threshold.level(mem_pct, swap_pct)
+        headroom = available - memory.mem_total * t.spec.threshold.mem_available_percent / 100
+        t.next_check = now + min(IDLE_S, max(THRESHOLD_MIN_S, headroom / FILL_RATE))
+        if level is None or now - t.last_action < t.spec.cooldown_s:
+            return
+        event_ns = time.time_ns()
+        snapshot = build_snapshot(SourceConfig())
+        decision = decide(snapshot, system_domain(snapshot), t.spec.policy,
+                          event=Event("threshold", "system",
+                                      f"MemAvailable {mem_pct:.1f}%, level {level}"),
+                          guard=signal_guard, budget_s=self.budget_s)
+        decided_ns = time.time_ns()
+        dry = self.dry_run or t.spec.dry_run
+        executor = Executor(dry_run=dry, sigterm_grace_s=t.spec.sigterm_grace_s,
+                            term_only=level == "term", protect=frozenset(self._own_pids()))
+        results = executor.run(decision.actions, self._hook_env(decision))
+        t.decisions += 1
+        t.last_action = time.monotonic()
+        self._record("system", decision, results, (event_ns, decided_ns, time.time_ns()), dry)
+
+    def _under_oom(self, w: _Watch) -> bool:
+        try:
+            with open(w.oom_control) as f:
+                return "under_oom 1" in f.read()
+        except OSError:
+            return False
+
+    def _hand_over(self, w: _Watch, why: str) -> None:
+        """Let the kernel's killer resolve this OOM; take it back afterwards."""
+        if not w.paused:
+            return
+        with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
+            f.write("0")
+        w.handed_over = True
+        self._say(f"cgroup:{w.path}: {why}; the kernel's own killer resolves this OOM")
+
+    def _take_back(self) -> None:
+        for w in self.watches:
+            if w.handed_over and not self._under_oom(w):
+                with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
+                    f.write("1")
+                w.handed_over = False
+
+    # -- output ---------------------------------------------------------------------------
+
+    def _record(self, where: str, d: Decision, results: list[Result],
+                times_ns: tuple[int, int, int], dry: bool) -> None:
+        record = d.to_json(top=10)
+        event_ns, decided_ns, done_ns = times_ns
+        record.update({
+            "time_ns": {"event": event_ns, "decided": decided_ns, "done": done_ns},
+            "dry_run": dry,
+            "results": [{"action": r.action, "ok": r.ok, "detail": r.detail,
+                         "seconds": r.seconds, "killed": list(r.killed),
+                         "freed_bytes": r.freed_bytes} for r in results],
+        })
+        if self._log is not None:
+            self._log.write(json.dumps(record, default=str) + "\n")
+        v = d.victim
+        what = "would kill" if dry else "killed"
+        if v is not None:
+            self._say(f"{where}: {what} pid {v.task.pid} ({v.task.comm}) under "
+                      f"{d.policy}, {v.points} points"
+                      + (f" (fallback: {d.fallback})" if d.fallback else ""))
+        for r in results:
+            if not r.ok:
+                self._say(f"{where}: {r.action} failed: {r.detail}")
+
+    def _hook_env(self, d: Decision) -> dict[str, str]:
+        v = d.victim
+        if v is None:
+            return {"OOMWARDEN_DOMAIN": d.domain.name}
+        return {"OOMWARDEN_DOMAIN": d.domain.name, "OOMWARDEN_VICTIM_PID": str(v.task.pid),
+                "OOMWARDEN_VICTIM_COMM": v.task.comm,
+                "OOMWARDEN_VICTIM_CGROUP": v.cgroup_path() or ""}
+
+    def _own_pids(self) -> set[int]:
+        pids = {os.getpid()}
+        if self._watchdog is not None:
+            pids.add(self._watchdog.pid)
+        return pids
+
+    def _say(self, line: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stderr.write(f"oomwarden: {line}\n")
+            self.stderr.flush()
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Restore every setting changed, on every exit path."""
+        for w in self.watches:
+            if w.paused:
+                with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
+                    f.write("0")
+                w.paused = False
+            for fd in (w.event_fd, w.control_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.watches.clear()
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=5)
+            if self._watchdog.stdout is not None:
+                self._watchdog.stdout.close()
+            self._watchdog = None
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
+
+
+#: What this daemon implements so far; the others are refused at start
+#: rather than silently not watched.
+SUPPORTED = {"oom": "cgroup", "threshold": "system"}
+
+
+def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
+    """The daemon for a validated config. A glob domain is expanded over the
+    v1 memory cgroups that exist at start."""
+    specs: list[WatchSpec] = []
+    thresholds: list[ThresholdSpec] = []
+    snapshot = None
+    for w in config.watches:
+        for trigger in w.triggers:
+            want = SUPPORTED.get(trigger)
+            kind = "system" if w.domain.system else "cgroup"
+            if want != kind:
+                raise ConfigError(
+                    f"{config.source}: {w.name}: the {trigger!r} trigger on a {kind} domain is "
+                    "not implemented by this daemon yet (supported: 'oom' on memory cgroups, "
+                    "'threshold' on the system)")
+        grace = w.sigterm_grace_ms / 1000
+        if w.domain.system:
+            assert w.threshold is not None
+            thresholds.append(ThresholdSpec(w.policy, w.threshold, grace, w.cooldown_s,
+                                            w.dry_run))
+            continue
+        path = w.domain.path or "/"
+        paths = [path]
+        if w.domain.is_glob:
+            snapshot = snapshot or build_snapshot(SourceConfig())
+            paths = [c.path for c in snapshot.cgroups
+                     if c.kind is HierarchyKind.V1 and w.domain.matches(c.path)]
+            if not paths:
+                raise ConfigError(f"{config.source}: {w.name}: {w.domain.spec} matches no "
+                                  "memory cgroup now")
+        specs.extend(WatchSpec(f"v1:{p}", w.policy, grace, w.cooldown_s, w.dry_run)
+                     for p in paths)
+    return Warden(specs, config.decision_log, thresholds=thresholds,
+                  budget_s=config.budget_ms / 1000, dry_run=dry_run)

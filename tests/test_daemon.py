@@ -1,0 +1,237 @@
+"""The daemon on the real kernel: v1 user-space OOM handling in child memory
+cgroups, the watchdog, dry runs, and the threshold trigger (dry run only,
+as the system domain must be in tests).
+
+Every cgroup here is a child of the test's own memory cgroup with a limit of
+256 MiB; every process signalled was started by the test; the warden runs as
+a subprocess and is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernelenv import ChildMemcg, Hog, MemcgFactory
+
+pytestmark = pytest.mark.kernel
+MiB = 1024 * 1024
+
+
+class Warden:
+    def __init__(self, config: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config), *extra],
+            stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.2)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                self.lines.append(line)
+                if needle in line:
+                    return line
+        raise AssertionError(f"no {needle!r} from the warden: {''.join(self.lines)}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=10)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+
+
+def config(tmp_path: Path, cg: ChildMemcg, policy: str = "kernel", extra: str = "") -> Path:
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f"""
+decision_log = "{tmp_path / 'decisions.jsonl'}"
+{extra}
+[[watch]]
+domain = "cgroup:{cg.hierarchy_path}"
+triggers = ["oom"]
+policy = "{policy}"
+""")
+    path.chmod(0o644)
+    return path
+
+
+def decisions(tmp_path: Path) -> list[dict[str, object]]:
+    log = tmp_path / "decisions.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line]
+
+
+def oom_control(cg: ChildMemcg) -> dict[str, int]:
+    return {k: int(v) for k, v in (line.split() for line in cg.read("memory.oom_control")
+                                   .splitlines())}
+
+
+def scene(cg: ChildMemcg) -> tuple[Hog, Hog]:
+    """A big process and a smaller one the kernel's formula prefers (adj 500)."""
+    return cg.start_hog(80, adj=0), cg.start_hog(40, adj=500)
+
+
+def wait_dead(hogs: list[Hog], timeout: float = 20.0) -> list[Hog]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [h for h in hogs if h.proc.poll() is not None]
+        if dead:
+            return dead
+        time.sleep(0.02)
+    return []
+
+
+@pytest.fixture
+def cg(memcg_factory: MemcgFactory) -> Iterator[ChildMemcg]:
+    yield memcg_factory.create(limit_bytes=256 * MiB)
+
+
+def test_the_warden_kills_instead_of_the_kernel(cg: ChildMemcg, tmp_path: Path) -> None:
+    big, favoured = scene(cg)
+    warden = Warden(config(tmp_path, cg))
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        assert oom_control(cg)["oom_kill_disable"] == 1
+        grower = cg.start_grower(144)
+        dead = wait_dead([big, favoured, grower])
+        assert dead == [favoured] and favoured.proc.returncode == -9
+        line = warden.wait_for("killed pid")
+        assert str(favoured.pid) in line
+        assert oom_control(cg)["oom_kill"] == 0  # the kernel killed nothing
+        (record,) = decisions(tmp_path)
+        assert record["trigger"] == "oom" and record["victim"]["pid"] == favoured.pid
+        assert record["results"][0]["ok"] and record["fallback"] is None
+    finally:
+        assert warden.stop() == 0
+    assert oom_control(cg)["oom_kill_disable"] == 0  # restored on exit
+
+
+def test_dry_run_leaves_the_kernel_in_charge(cg: ChildMemcg, tmp_path: Path) -> None:
+    big, favoured = scene(cg)
+    warden = Warden(config(tmp_path, cg), "--dry-run")
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        assert oom_control(cg)["oom_kill_disable"] == 0
+        grower = cg.start_grower(144)
+        dead = wait_dead([big, favoured, grower])
+        assert dead == [favoured]  # the kernel's own kill
+        warden.wait_for("would kill pid")
+        assert oom_control(cg)["oom_kill"] >= 1
+        # The kernel acted first (its killer was never paused): the record says
+        # what the warden would do next, and nothing was signalled by it.
+        record = decisions(tmp_path)[0]
+        assert record["dry_run"] and record["trigger"] == "oom"
+        assert all("dry run" in r["detail"] for r in record["results"])
+        assert big.proc.poll() is None
+    finally:
+        assert warden.stop() == 0
+
+
+def test_a_policy_that_raises_still_ends_the_oom(cg: ChildMemcg, tmp_path: Path) -> None:
+    policy = tmp_path / "broken.py"
+    policy.write_text("def evaluate(task, ctx):\n    raise RuntimeError('broken')\n")
+    policy.chmod(0o644)
+    big, favoured = scene(cg)
+    warden = Warden(config(tmp_path, cg, str(policy)))
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        grower = cg.start_grower(144)
+        assert wait_dead([big, favoured, grower]) == [favoured]
+        warden.wait_for("killed pid")
+        record = decisions(tmp_path)[0]
+        assert "RuntimeError: broken" in str(record["fallback"])
+        assert oom_control(cg)["oom_kill"] == 0
+    finally:
+        assert warden.stop() == 0
+
+
+def test_sigkill_the_warden_mid_oom_the_kernel_takes_over(
+    cg: ChildMemcg, tmp_path: Path
+) -> None:
+    policy = tmp_path / "slow.py"
+    policy.write_text("import time\n\ndef evaluate(task, ctx):\n    time.sleep(30)\n")
+    policy.chmod(0o644)
+    big, favoured = scene(cg)
+    warden = Warden(config(tmp_path, cg, str(policy), extra="budget_ms = 60000"))
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        grower = cg.start_grower(144)
+        deadline = time.monotonic() + 20
+        while oom_control(cg)["under_oom"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the warden is now inside its slow policy
+        warden.proc.kill()
+        warden.proc.wait(timeout=5)
+        started = time.monotonic()
+        dead = wait_dead([big, favoured, grower], timeout=5)
+        assert dead and time.monotonic() - started < 2.0, "the cgroup hung"
+        assert oom_control(cg)["oom_kill_disable"] == 0 and oom_control(cg)["oom_kill"] >= 1
+    finally:
+        warden.stop()
+
+
+def test_threshold_dry_run_on_the_system(tmp_path: Path) -> None:
+    """The system domain in a test: dry run only. A level of 100% is always
+    reached, so the threshold fires and the decision is logged, signalling
+    nothing."""
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f"""
+decision_log = "{tmp_path / 'decisions.jsonl'}"
+[[watch]]
+domain = "system"
+triggers = ["threshold"]
+policy = "largest"
+dry_run = true
+[watch.threshold]
+mem_available_percent = 100
+swap_free_percent = 100
+""")
+    path.chmod(0o644)
+    warden = Warden(path, "--dry-run")
+    try:
+        warden.wait_for("would kill pid")
+        record = decisions(tmp_path)[0]
+        assert record["trigger"] == "threshold" and record["dry_run"]
+        assert record["domain"] == "system" and record["policy"] == "largest"
+        assert all("dry run" in r["detail"] for r in record["results"])
+    finally:
+        assert warden.stop() == 0
+
+
+def test_unsupported_triggers_are_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f"""
+decision_log = "{tmp_path / 'decisions.jsonl'}"
+[[watch]]
+domain = "system"
+triggers = ["pressure"]
+policy = "kernel"
+""")
+    path.chmod(0o644)
+    done = subprocess.run([sys.executable, "-m", "oomwarden.cli", "run", "--config", str(path),
+                           "--dry-run"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2
+    assert "not implemented by this daemon yet" in done.stderr.splitlines()[-1]
+    assert os.path.exists(path)
