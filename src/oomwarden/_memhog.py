@@ -1,12 +1,14 @@
 """A test process: join a cgroup, set oom_score_adj, touch memory, wait.
 
-usage: python -m oomwarden._memhog CGROUP_PROCS SIZE ADJ
+usage: python -m oomwarden._memhog CGROUP_PROCS SIZE ADJ [NAME]
 
 SIZE is one of:
 - ``N``: touch N MiB, print "ready";
 - ``grow:N``: allocate N MiB 8 MiB at a time without announcing itself (it is
   meant to run into its cgroup's limit, only ever inside a limited child
   cgroup);
+- ``leak:R``: grow by R MiB per second (in tenths), for ever (only ever
+  inside a limited child cgroup), after printing "ready";
 - ``edge:K``: touch pages one by one, switching CPUs, until its badness as
   /proc/PID/status counts it is K pages past the next step of the system
   oom_score, then print "ready": a process whose score depends on which rss
@@ -61,8 +63,17 @@ def _edge(past: int) -> mmap.mmap:
     return area
 
 
+def _name(name: str) -> None:
+    """prctl(PR_SET_NAME): how the process shows in /proc and in the decision."""
+    import ctypes  # noqa: PLC0415
+
+    ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+
+
 def main() -> None:
     procs, size, adj = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if len(sys.argv) > 4:
+        _name(sys.argv[4])
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write(str(adj))
     with open(procs, "w") as f:
@@ -72,6 +83,12 @@ def main() -> None:
     if size.startswith("grow:"):
         for _ in range(int(size[5:]) // 8):
             held.append(b"\x01" * (8 << 20))
+    elif size.startswith("leak:"):
+        step = max(1, int(float(size[5:]) * (1 << 20) / 10))
+        print("ready", flush=True)
+        while time.monotonic() < deadline:
+            held.append(b"\x01" * step)
+            time.sleep(0.1)
     elif size.startswith("edge:"):
         held.append(_edge(int(size[5:])))
         print("ready", flush=True)

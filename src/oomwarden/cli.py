@@ -313,7 +313,8 @@ def _last_cell(c: Candidate, kernel: bool) -> str:
 def _describe(action: Action) -> str:
     data = action_to_json(action)
     name = str(data.pop("action"))
-    return name + " " + ", ".join(f"{k}={v}" for k, v in data.items() if v not in ("", None))
+    return name + " " + ", ".join(
+        f"{k}={v}" for k, v in data.items() if v not in ("", None, [], False))
 
 
 def _silence_stdout() -> None:

@@ -42,11 +42,12 @@ from oomwarden.config import Config, ConfigError, Threshold
 from oomwarden.decision import Decision
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
-from oomwarden.model import HierarchyKind
+from oomwarden.model import HierarchyKind, Snapshot
 from oomwarden.policy.api import Event, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
+from oomwarden.policy.history import History
 from oomwarden.sources.procfs import read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
@@ -54,6 +55,9 @@ from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 HANDBACK_POLL_S = 0.1
 #: How long the loop sleeps at most with nothing to do (it wakes on events).
 IDLE_S = 1.0
+#: Growth policies: a snapshot every second, the last few kept.
+HISTORY_S = 1.0
+HISTORY_KEPT = 3
 #: The threshold checks: at least this far apart, and the memory fill rate
 #: earlyoom assumes when it spaces its checks (bytes per second).
 THRESHOLD_MIN_S = 0.1
@@ -127,6 +131,11 @@ class Warden:
     _watchdog: subprocess.Popen[bytes] | None = None
     _stop: bool = False
     _log: TextIO | None = None
+    #: The snapshots growth policies compare with: taken every HISTORY_S while
+    #: some watch needs them; the decision uses the newest one at least
+    #: HISTORY_S old.
+    _history: list[Snapshot] = field(default_factory=list)
+    _next_history: float = 0.0
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -210,6 +219,8 @@ class Warden:
                 now = time.monotonic()
                 for t in self._thresholds:
                     timeout = min(timeout, max(0.0, t.next_check - now))
+                if self._needs_history():
+                    timeout = min(timeout, max(0.0, self._next_history - now))
                 for key, _ in selector.select(timeout):
                     if key.data is None:
                         with contextlib.suppress(OSError):
@@ -220,6 +231,8 @@ class Warden:
                 for t in self._thresholds:
                     if time.monotonic() >= t.next_check:
                         self._check_threshold(t)
+                if self._needs_history() and time.monotonic() >= self._next_history:
+                    self._keep_history()
         finally:
             selector.close()
             signal.set_wakeup_fd(old_wakeup)
@@ -248,6 +261,7 @@ class Warden:
             self._hand_over(w, "the watched cgroup changed")
             return
         decision = decide(snapshot, cgroup_domain(snapshot, cg), w.spec.policy,
+                          history=self._history_for(snapshot, w.spec.policy),
                           event=Event("oom", f"cgroup:{w.path}"), guard=signal_guard,
                           budget_s=self.budget_s)
         decided_ns = time.time_ns()
@@ -263,6 +277,24 @@ class Warden:
                             "the policy chose nothing")
         elif not dry:
             w.last_kill = time.monotonic()
+
+    def _needs_history(self) -> bool:
+        return any(w.spec.policy.needs_history for w in self.watches) or any(
+            t.spec.policy.needs_history for t in self._thresholds)
+
+    def _keep_history(self) -> None:
+        self._history.append(build_snapshot(SourceConfig()))
+        del self._history[:-HISTORY_KEPT]
+        self._next_history = time.monotonic() + HISTORY_S
+
+    def _history_for(self, now: Snapshot, policy: Policy) -> History | None:
+        """The newest kept snapshot at least HISTORY_S older than ``now``."""
+        if not policy.needs_history:
+            return None
+        for old in reversed(self._history):
+            if now.taken_ns - old.taken_ns >= HISTORY_S * 1e9:
+                return History(old)
+        return History(self._history[0]) if self._history else None
 
     def _check_threshold(self, t: _Threshold) -> None:
         """earlyoom's rule: both MemAvailable and SwapFree at or below a level.
@@ -287,6 +319,7 @@ class Warden:
         event_ns = time.time_ns()
         snapshot = build_snapshot(SourceConfig())
         decision = decide(snapshot, system_domain(snapshot), t.spec.policy,
+                          history=self._history_for(snapshot, t.spec.policy),
                           event=Event("threshold", "system",
                                       f"MemAvailable {mem_pct:.1f}%, level {level}"),
                           guard=signal_guard, budget_s=self.budget_s)

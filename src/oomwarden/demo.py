@@ -1,83 +1,137 @@
-"""``make demo``: oomwarden explain on the live machine, then on a confined
-memory cgroup where the kernel's real OOM killer confirms the prediction.
+"""``make demo``: the warden against a leak, beside the kernel's own choice.
 
-The confined part makes a child memory cgroup under this process's own v1
-memory cgroup (statfs-verified, limit 256 MiB), starts three processes in it,
-pauses the cgroup's OOM killer, lets one process run into the limit, shows
-what ``oomwarden explain --cgroup`` predicts, lets the kernel kill, reports
-whom it killed, and removes everything again (also on Ctrl-C or error).
-Where no v1 memory controller is writable it says why and stops after the
-live part.
+1. ``oomwarden explain`` on the live machine: what the kernel would kill now.
+2. In a memory cgroup of its own (a v1 child of this process's memory cgroup,
+   statfs-verified, limit 512 MiB, no swap), a "database" holds 300 MiB
+   steadily and a "leaker" grows by 30 MiB a second. The warden runs
+   (``oomwarden run``) with the ``growth`` policy on that cgroup, the
+   kernel's killer paused. When the cgroup reaches its limit, the warden
+   kills the leaker; the database lives. The demo prints the decision with
+   its reasons beside the kernel's choice (the database: it is the largest)
+   and removes everything again, also on Ctrl-C or error.
+
+Not root, or no writable v1 memory cgroup: one line saying how to run it.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rich.console import Console
 
 from oomwarden.cli import main as cli_main
-from oomwarden.domains import resolve_cgroup
-from oomwarden.errors import OomwardenError
-from oomwarden.policy.engine import cgroup_domain, kernel_decision
 from oomwarden.sandbox import Hog, MemcgFactory, own_v1_memcg_dir
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
 MiB = 1024 * 1024
+LIMIT_MIB = 512
+DATABASE_MIB = 300
+LEAK_MIB_PER_S = 30
+WAIT_S = 60
+
+
+def _warden(config: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
+                             str(config)], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+        if ready:
+            line = proc.stderr.readline()
+            if not line or "watching" in line:
+                break
+    return proc
 
 
 def _confined(console: Console) -> int:
+    if os.geteuid() != 0:
+        console.print("the warden part of the demo needs root: run `sudo make demo`")
+        return 0
     parent, why = own_v1_memcg_dir()
     if parent is None:
-        console.print(f"[yellow]skipping the confined part: {why}[/]")
+        console.print(f"skipping the warden part: {why} (it needs a writable cgroup v1 "
+                      "memory controller; on pure cgroup v2 hosts, see the VM test lane)")
         return 0
     factory = MemcgFactory(parent, prefix="oomwarden-demo")
-    try:
-        cg = factory.create(limit_bytes=256 * MiB)
-        console.rule(f"[bold]2. a confined memory cgroup: {cg.hierarchy_path} (limit 256 MiB)")
-        big = cg.start_hog(80, adj=0)
-        small = cg.start_hog(40, adj=500)
-        console.print(f"started pid {big.pid} (80 MiB, oom_score_adj 0) and "
-                      f"pid {small.pid} (40 MiB, oom_score_adj 500)")
-        cg.write("memory.oom_control", "1")
-        grower = cg.start_grower(144, adj=0)
-        console.print(f"pid {grower.pid} allocates 144 MiB and runs into the limit; "
-                      "the kernel's killer is paused (oom_kill_disable=1)")
-        deadline = time.monotonic() + 30
-        while "under_oom 1" not in cg.read("memory.oom_control"):
-            if time.monotonic() > deadline:
-                console.print("[red]the cgroup did not reach its limit in 30 s[/]")
+    warden: subprocess.Popen[str] | None = None
+    with tempfile.TemporaryDirectory(prefix="oomwarden-demo-") as tmp:
+        try:
+            cg = factory.create(limit_bytes=LIMIT_MIB * MiB)
+            console.rule(f"[bold]2. the warden, a database and a leak: {cg.hierarchy_path}")
+            console.print(f"limit {LIMIT_MIB} MiB, the kernel's killer paused by the warden")
+            database = cg.start_hog(DATABASE_MIB, name="database")
+            console.print(f"pid {database.pid} 'database' holds {DATABASE_MIB} MiB")
+            log = Path(tmp) / "decisions.jsonl"
+            config = Path(tmp) / "oomwarden.toml"
+            config.write_text(f'decision_log = "{log}"\n\n[[watch]]\n'
+                              f'domain = "cgroup:{cg.hierarchy_path}"\n'
+                              'triggers = ["oom"]\npolicy = "growth"\n')
+            config.chmod(0o644)
+            warden = _warden(config)
+            leaker = cg.start_leaker(LEAK_MIB_PER_S, name="leaker")
+            console.print(f"pid {leaker.pid} 'leaker' grows by {LEAK_MIB_PER_S} MiB/s")
+            dead = _wait_for_a_death([database, leaker], console)
+            if not dead:
+                console.print(f"[red]nothing was killed within {WAIT_S} s[/]")
                 return 1
-            time.sleep(0.05)
-        console.print(f"\n$ oomwarden explain --cgroup {cg.hierarchy_path}")
-        cli_main(["explain", "--cgroup", cg.hierarchy_path])
-        snap = build_snapshot(SourceConfig())
-        domain = cgroup_domain(snap, resolve_cgroup(snap, cg.hierarchy_path))
-        decision = kernel_decision(snap, domain)
-        predicted = decision.victim.task.pid if decision.victim else None
-        cg.write("memory.oom_control", "0")
-        console.print("\nthe kernel's killer is resumed (oom_kill_disable=0) ...")
-        hogs = (big, small, grower)
-        deadline = time.monotonic() + 30
-        dead: list[Hog] = []
-        while not dead and time.monotonic() < deadline:
+            return _report(console, log, database, leaker, dead)
+        finally:
+            if warden is not None:
+                warden.send_signal(signal.SIGTERM)
+                try:
+                    warden.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    warden.kill()
+                    warden.wait(timeout=5)
+                if warden.stderr is not None:
+                    warden.stderr.close()
+            factory.cleanup()
+            console.print("removed the demo cgroup, its processes and the warden")
+
+
+def _wait_for_a_death(hogs: list[Hog], console: Console) -> list[Hog]:
+    deadline = time.monotonic() + WAIT_S
+    with console.status("waiting for the cgroup to reach its limit ..."):
+        while time.monotonic() < deadline:
             dead = [h for h in hogs if h.proc.poll() is not None]
+            if dead:
+                return dead
             time.sleep(0.05)
-        if not dead:
-            console.print("[red]the kernel killed nothing within 30 s[/]")
-            return 1
-        victim = dead[0]
-        how = "SIGKILL" if victim.proc.returncode == -signal.SIGKILL else victim.proc.returncode
-        ok = victim.pid == predicted
-        verdict = "[green]as predicted[/]" if ok else "[red]NOT as predicted[/]"
-        console.print(f"the kernel killed pid {victim.pid} ({how}): {verdict} "
-                      f"(oomwarden predicted pid {predicted})")
-        return 0 if victim.pid == predicted else 1
-    finally:
-        factory.cleanup()
-        console.print("removed the confined cgroup and its processes")
+    return []
+
+
+def _report(console: Console, log: Path, database: Hog, leaker: Hog, dead: list[Hog]) -> int:
+    time.sleep(0.3)  # the warden writes its line right after the kill
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] \
+        if log.exists() else []
+    if not records:
+        console.print("[red]the warden logged no decision[/]")
+        return 1
+    d = records[0]
+    victim = d["victim"]
+    console.print(f"\nthe warden's decision ({d['policy']}, "
+                  f"{d['policy_ms']:.1f} ms in the policy):")
+    console.print(f"  victim: pid {victim['pid']} ({victim['comm']})")
+    for reason in victim["reasons"]:
+        console.print(f"    - {reason}")
+    kernel = max((c for c in d["candidates"] if c.get("kernel_points") is not None),
+                 key=lambda c: c["kernel_points"], default=None)
+    if kernel is not None:
+        console.print(f"  the kernel would have killed: pid {kernel['pid']} ({kernel['comm']}), "
+                      f"{kernel['kernel_points']} points (the largest)")
+    ok = [h.pid for h in dead] == [leaker.pid] and database.proc.poll() is None
+    verdict = "[green]the leaker is dead, the database lives[/]" if ok else \
+        "[red]not as expected[/]"
+    console.print(verdict)
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -91,7 +145,7 @@ def main() -> int:
         return status
     try:
         return _confined(console)
-    except (OSError, OomwardenError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:
         console.print(f"[red]demo failed: {e}[/]")
         return 2
 

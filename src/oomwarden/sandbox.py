@@ -78,10 +78,11 @@ class ChildMemcg:
     def pids(self) -> list[int]:
         return [int(x) for x in self.read("cgroup.procs").split()]
 
-    def _start(self, size: str, adj: int, *, ready_within: float | None) -> subprocess.Popen[bytes]:
+    def _start(self, size: str, adj: int, *, ready_within: float | None,
+               name: str | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "oomwarden._memhog", str(self.path / "cgroup.procs"),
-             size, str(adj)],
+             size, str(adj), *([name] if name else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if ready_within is not None else subprocess.DEVNULL,
         )
@@ -94,9 +95,19 @@ class ChildMemcg:
                 raise RuntimeError(f"memory hog {size!r} did not start: {line!r}")
         return proc
 
-    def start_hog(self, size_mib: int, adj: int = 0, timeout: float = 60.0) -> Hog:
+    def start_hog(self, size_mib: int, adj: int = 0, timeout: float = 60.0,
+                  name: str | None = None) -> Hog:
         """Start a process in this cgroup that touches ``size_mib`` MiB and waits."""
-        hog = Hog(self._start(str(size_mib), adj, ready_within=timeout), size_mib, adj)
+        hog = Hog(self._start(str(size_mib), adj, ready_within=timeout, name=name),
+                  size_mib, adj)
+        self.hogs.append(hog)
+        return hog
+
+    def start_leaker(self, mib_per_s: float, name: str | None = None,
+                     timeout: float = 60.0) -> Hog:
+        """A process in this cgroup that grows by ``mib_per_s`` MiB per second
+        until its cgroup's OOM (or 120 s)."""
+        hog = Hog(self._start(f"leak:{mib_per_s:g}", 0, ready_within=timeout, name=name), -1, 0)
         self.hogs.append(hog)
         return hog
 
