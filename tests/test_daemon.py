@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -235,3 +236,44 @@ policy = "kernel"
     assert done.returncode == 2
     assert "not implemented by this daemon yet" in done.stderr.splitlines()[-1]
     assert os.path.exists(path)
+
+
+def test_sighup_with_a_bad_config_keeps_the_old_one(cg: ChildMemcg, tmp_path: Path) -> None:
+    big, favoured = scene(cg)
+    path = config(tmp_path, cg)
+    warden = Warden(path)
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        good = path.read_text()
+        path.write_text(good + "\n[[watch]]\ndomain = 42\n")
+        warden.proc.send_signal(signal.SIGHUP)
+        warden.wait_for("reload failed, keeping the running config")
+        assert oom_control(cg)["oom_kill_disable"] == 1
+        grower = cg.start_grower(144)
+        assert wait_dead([big, favoured, grower]) == [favoured]
+        warden.wait_for("killed pid")
+        assert oom_control(cg)["oom_kill"] == 0
+        path.write_text(good.replace('policy = "kernel"', 'policy = "largest"'))
+        warden.proc.send_signal(signal.SIGHUP)
+        warden.wait_for("reloaded: watching 1 memory cgroups")
+        assert oom_control(cg)["oom_kill_disable"] == 1
+    finally:
+        assert warden.stop() == 0
+    assert oom_control(cg)["oom_kill_disable"] == 0
+
+
+def test_it_tells_systemd_it_is_ready(cg: ChildMemcg, tmp_path: Path) -> None:
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
+        proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
+                                 str(config(tmp_path, cg)), "--dry-run"],
+                                env=env, stderr=subprocess.DEVNULL)
+        try:
+            messages = {sock.recv(256).decode() for _ in range(2)}
+            assert messages == {"READY=1", "WATCHDOG=1"}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0

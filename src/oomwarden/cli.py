@@ -152,7 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     for line in summarize(config):
         sys.stderr.write(f"oomwarden: {line}\n")
-    return warden_from_config(config, dry_run=args.dry_run).run()
+    warden = warden_from_config(config, dry_run=args.dry_run)
+    if args.config:
+        path = args.config
+        warden.reload = lambda: warden_from_config(load_config(path), dry_run=args.dry_run)
+    return warden.run()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

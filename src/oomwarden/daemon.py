@@ -26,13 +26,16 @@ and every kill one human line on stderr.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
@@ -55,6 +58,11 @@ from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 HANDBACK_POLL_S = 0.1
 #: How long the loop sleeps at most with nothing to do (it wakes on events).
 IDLE_S = 1.0
+MCL_CURRENT, MCL_FUTURE = 1, 2
+#: The warm-up decision's budget.
+WARM_UP_BUDGET_S = 0.05
+_libc = ctypes.CDLL(None, use_errno=True)
+
 #: Growth policies: a snapshot every second, the last few kept.
 HISTORY_S = 1.0
 HISTORY_KEPT = 3
@@ -136,11 +144,18 @@ class Warden:
     #: HISTORY_S old.
     _history: list[Snapshot] = field(default_factory=list)
     _next_history: float = 0.0
+    #: Builds the daemon anew from the config file (SIGHUP); None: no reload.
+    reload: Callable[[], Warden] | None = None
+    _reload_wanted: bool = False
+    lock_memory: bool = True
+    _warned: set[str] = field(default_factory=set)
+    _next_ping: float = 0.0
 
     # -- set-up -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Set every watch up, or none (a failure undoes what was done)."""
+        self._protect_self()
         try:
             os.makedirs(os.path.dirname(self.decision_log) or ".", exist_ok=True)
             self._log = open(self.decision_log, "a", buffering=1)  # noqa: SIM115
@@ -163,6 +178,78 @@ class Warden:
         except BaseException:
             self.stop()
             raise
+
+    def _protect_self(self) -> None:
+        """Lock the warden's memory and exempt it from the kernel's killer,
+        where permitted; say once where not. Then warm up: one decision per
+        policy on the current snapshot, so that nothing is imported or first
+        compiled on the OOM path."""
+        if self.lock_memory and _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+            self._warn_once("mlock", "cannot lock its memory (mlockall: "
+                            f"{os.strerror(ctypes.get_errno())}): it may be paged out")
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("-1000")
+        except OSError as e:
+            self._warn_once("adj", f"cannot set its oom_score_adj to -1000 ({e.strerror}; "
+                            "CAP_SYS_RESOURCE is missing): the kernel may kill the warden")
+        snapshot = build_snapshot(SourceConfig())
+        policies = [s.policy for s in self.specs] + [t.policy for t in self.thresholds]
+        for policy in {id(p): p for p in policies}.values():
+            # bounded: a slow policy must not hold up the start
+            decide(snapshot, system_domain(snapshot), policy, guard=signal_guard,
+                   budget_s=min(self.budget_s, WARM_UP_BUDGET_S))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self._say(message)
+
+    def _notify(self, message: str) -> None:
+        """sd_notify, where systemd asked for it (NOTIFY_SOCKET)."""
+        target = os.environ.get("NOTIFY_SOCKET")
+        if not target:
+            return
+        address = "\0" + target[1:] if target.startswith("@") else target
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX,
+                                                         socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+
+    def _watchdog_ping(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec or not usec.isdigit():
+            return
+        now = time.monotonic()
+        if now >= self._next_ping:
+            self._notify("WATCHDOG=1")
+            self._next_ping = now + int(usec) / 2e6
+
+    def _reload(self, selector: selectors.BaseSelector) -> None:
+        """SIGHUP: the config anew. A bad config keeps the old one running."""
+        if self.reload is None:
+            self._say("SIGHUP: no config file to reload")
+            return
+        try:
+            fresh = self.reload()
+        except OomwardenError as e:
+            self._say(f"reload failed, keeping the running config: {e}")
+            return
+        for w in self.watches:
+            with contextlib.suppress(KeyError, ValueError):
+                selector.unregister(w.event_fd)
+        self.stop()
+        self.specs, self.thresholds = fresh.specs, fresh.thresholds
+        self.decision_log, self.budget_s = fresh.decision_log, fresh.budget_s
+        try:
+            self.start()
+        except OomwardenError as e:
+            self._say(f"reload failed while setting up, the kernel's killer is in charge: {e}")
+            self._stop = True
+            return
+        for w in self.watches:
+            selector.register(w.event_fd, selectors.EVENT_READ, w)
+        self._say(f"reloaded: watching {len(self.watches)} memory cgroups and "
+                  f"{len(self._thresholds)} memory thresholds")
 
     def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
         cg = resolve_cgroup(snapshot, spec.cgroup)
@@ -202,6 +289,8 @@ class Warden:
         def wake(signum: int, _frame: FrameType | None) -> None:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._stop = True
+            elif signum == signal.SIGHUP:
+                self._reload_wanted = True
 
         old_wakeup = signal.set_wakeup_fd(write_end)
         for s in previous:
@@ -213,8 +302,13 @@ class Warden:
         self._say(f"watching {len(self.watches)} memory cgroups and "
                   f"{len(self._thresholds)} memory thresholds"
                   + (" (dry run: the kernel's killer stays in charge)" if self.dry_run else ""))
+        self._notify("READY=1")
         try:
             while not self._stop:
+                if self._reload_wanted:
+                    self._reload_wanted = False
+                    self._reload(selector)
+                self._watchdog_ping()
                 timeout = HANDBACK_POLL_S if any(w.handed_over for w in self.watches) else IDLE_S
                 now = time.monotonic()
                 for t in self._thresholds:

@@ -85,6 +85,13 @@ def fstatfs_magic(fd: int) -> int:
     return int(buf.f_type) & 0xFFFFFFFF
 
 
+def _ordinary_oom_score() -> None:
+    """A hook must not inherit the warden's oom_score_adj -1000 (raising it
+    back to 0 needs no privilege)."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("0")
+
+
 @dataclass(frozen=True, slots=True)
 class Result:
     """What became of one action."""
@@ -388,7 +395,8 @@ class Executor:
         try:
             done = subprocess.run(list(action.argv), env={**os.environ, **env},
                                   timeout=min(action.timeout_s, HOOK_TIMEOUT_S * 60),
-                                  capture_output=True, check=False)
+                                  capture_output=True, check=False,
+                                  preexec_fn=_ordinary_oom_score)
         except subprocess.TimeoutExpired:
             return Result("run_hook", False, f"timed out after {action.timeout_s:g} s",
                           self.clock() - started)
