@@ -856,3 +856,11 @@ def test_status_longer_than_one_read(tree: FakeTree) -> None:
     s = build_snapshot(tcfg(tree))
     job = get(s, 300)
     assert job.has_mm and job.rss_anon == 10_000 and job.pgtables == 30
+
+
+def test_only_one_cgroup_subtree(tree: FakeTree) -> None:
+    """The OOM path of a memory cgroup reads that subtree and its processes only."""
+    tree.write()
+    s = build_snapshot(tcfg(tree, only=("v1", "/job")))
+    assert [c.path for c in s.cgroups] == ["/job"]
+    assert [t.pid for t in s.tasks] == [300] and s.task(300).memcg_v1 == "/job"  # type: ignore[union-attr]

@@ -51,7 +51,7 @@ from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
-from oomwarden.sources.procfs import read_system
+from oomwarden.sources.procfs import ReadOptions, read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
 #: How often a cgroup handed to the kernel is checked for the end of its OOM.
@@ -348,7 +348,8 @@ class Warden:
             return  # a wake-up without an OOM (e.g. the cgroup was removed)
         # In a dry run the kernel's killer was never paused: by now it has
         # usually acted, and the decision shows what the warden would do next.
-        snapshot = build_snapshot(SourceConfig())
+        snapshot = build_snapshot(SourceConfig(only=("v1", w.path), cgroup_stat=False,
+                                               read=self._read_options(w.spec.policy)))
         cg = next((c for c in snapshot.cgroups
                    if c.kind is HierarchyKind.V1 and c.path == w.path), None)
         if cg is None or cg.inode != w.inode:
@@ -371,6 +372,10 @@ class Warden:
                             "the policy chose nothing")
         elif not dry:
             w.last_kill = time.monotonic()
+
+    @staticmethod
+    def _read_options(policy: Policy) -> ReadOptions:
+        return ReadOptions(details=policy.needs_details)
 
     def _needs_history(self) -> bool:
         return any(w.spec.policy.needs_history for w in self.watches) or any(
@@ -411,7 +416,7 @@ class Warden:
         if level is None or now - t.last_action < t.spec.cooldown_s:
             return
         event_ns = time.time_ns()
-        snapshot = build_snapshot(SourceConfig())
+        snapshot = build_snapshot(SourceConfig(read=self._read_options(t.spec.policy)))
         decision = decide(snapshot, system_domain(snapshot), t.spec.policy,
                           history=self._history_for(snapshot, t.spec.policy),
                           event=Event("threshold", "system",

@@ -343,8 +343,10 @@ def read_tasks(
     options: ReadOptions = ReadOptions(),
     stats: ReadStats | None = None,
     cgroup_map: CgroupMap | None = None,
+    pids: list[int] | None = None,
 ) -> list[Task]:
-    """Every process below ``proc_root``; vanished or unreadable ones skipped."""
+    """Every process below ``proc_root`` (or only ``pids``); vanished or
+    unreadable ones skipped."""
     psize = psize or page_size()
     stats = stats if stats is not None else ReadStats()
     proc_fd = _open_proc(proc_root)
@@ -352,7 +354,8 @@ def read_tasks(
     live = is_live_procfs(proc_root)
     initial = initial_pidns(proc_fd) if live else True
     try:
-        for name in iter_pids(proc_fd):
+        names = iter_pids(proc_fd) if pids is None else (str(p) for p in pids)
+        for name in names:
             try:
                 tasks.append(read_task(
                     proc_fd, name, psize, options, cgroup_map, initial_pidns=initial
