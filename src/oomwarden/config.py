@@ -50,16 +50,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NoReturn, cast
 
-from oomwarden.errors import OomwardenError
+from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
 from oomwarden.policy.rules import KeyLines
-
-
-class ConfigError(OomwardenError):
-    """A config file cannot be read or is wrong; one line naming the file, the
-    line and the key (to move to :mod:`oomwarden.errors`)."""
-
 
 Trigger = Literal["oom", "pressure", "threshold", "events", "margin"]
 TRIGGERS: tuple[Trigger, ...] = ("oom", "pressure", "threshold", "events", "margin")

@@ -41,10 +41,10 @@ from types import FrameType
 from typing import Any, TextIO
 
 from oomwarden.actions.executor import Executor, Result
-from oomwarden.config import Config, ConfigError, Threshold
+from oomwarden.config import Config, Threshold
 from oomwarden.decision import Decision
 from oomwarden.domains import resolve_cgroup
-from oomwarden.errors import OomwardenError
+from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.model import HierarchyKind, Snapshot
 from oomwarden.policy.api import Event, Policy
 from oomwarden.policy.budget import signal_guard

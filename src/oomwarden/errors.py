@@ -10,7 +10,9 @@ boundary, in one place per source, so that callers only ever catch this tree::
     ├── SourceError         a root (proc, cgroup) cannot be read or is not what it claims
     │   └── TaskGone        a process vanished while it was being read (normal, skipped)
     ├── CgroupNotFound      --cgroup names no memory cgroup on any hierarchy
-    └── PolicyError         an unknown policy name or a policy that cannot be loaded
+    ├── PolicyError         an unknown policy name or a policy that cannot be loaded
+    ├── ConfigError         a daemon config file that cannot be read or is wrong
+    └── DaemonError         the daemon cannot set a watch up (oomwarden.daemon)
 
 Messages carry the values and the places involved, e.g.
 ``MemAvailable (X) cannot exceed MemTotal (Y)``.
@@ -41,3 +43,8 @@ class CgroupNotFound(OomwardenError):
 
 class PolicyError(OomwardenError):
     """A policy SPEC is unknown or cannot be loaded."""
+
+
+class ConfigError(OomwardenError):
+    """A config file cannot be read or is wrong: one line naming the file, the
+    line and the key."""
