@@ -92,13 +92,23 @@ def start_warden(cg: ChildMemcg, tmp: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
                              str(config)], stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if select.select([proc.stderr], [], [], 0.2)[0]:
-            line = proc.stderr.readline()
-            if "watching" in line or not line:
-                break
+    wait_for_line(proc.stderr.fileno(), "watching", 30.0)
     return proc
+
+
+def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
+    """Read the raw pipe (no line can hide in a buffer) until ``needle``."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return False
+            seen += chunk
+            if needle.encode() in seen:
+                return True
+    return False
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
@@ -110,6 +120,11 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=5)
     if proc.stderr is not None:
         proc.stderr.close()
+
+
+def oom_kills(cg: ChildMemcg) -> int:
+    """The kernel's own OOM kills in the cgroup so far."""
+    return int(cg.read("memory.oom_control").split("oom_kill ")[-1].split()[0])
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -149,9 +164,13 @@ def main() -> int:
                 try:
                     for mode in ("kernel", "warden"):
                         warden = start_warden(cg, tmp) if mode == "warden" else None
+                        kernel_kills = oom_kills(cg)
                         try:
                             times = [t for _ in range(runs) if (t := one_run(cg, efd)) is not None]
                             results[(mode, n)] = times
+                            if warden is not None and oom_kills(cg) != kernel_kills:
+                                print(f"WARNING: the kernel killed during the warden runs "
+                                      f"({n} tasks): those figures are not the warden's")
                             if warden is not None and n == task_counts[0]:
                                 cpu0, _ = cpu_and_rss(warden.pid)
                                 time.sleep(idle)

@@ -32,22 +32,33 @@ class Warden:
     def __init__(self, config: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config), *extra],
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.PIPE)
         self.lines: list[str] = []
+        self._seen = 0
+        self._partial = b""
 
     def wait_for(self, needle: str, timeout: float = 20.0) -> str:
+        """The next line holding ``needle`` (read from the raw pipe: no lines
+        can hide in a buffer)."""
         assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stderr], [], [], 0.2)
-            if ready:
-                line = self.proc.stderr.readline()
-                if not line:
-                    break
-                self.lines.append(line)
+        while True:
+            while self._seen < len(self.lines):
+                line = self.lines[self._seen]
+                self._seen += 1
                 if needle in line:
                     return line
-        raise AssertionError(f"no {needle!r} from the warden: {''.join(self.lines)}")
+            if time.monotonic() > deadline:
+                break
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                *done, self._partial = (self._partial + chunk).split(b"\n")
+                self.lines.extend(d.decode(errors="replace") for d in done)
+        raise AssertionError(f"no {needle!r} from the warden: {chr(10).join(self.lines)}")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -88,6 +99,9 @@ def oom_control(cg: ChildMemcg) -> dict[str, int]:
                                    .splitlines())}
 
 
+GROWER_MIB = 136  # needs more than the others leave; fits once one of them is gone
+
+
 def scene(cg: ChildMemcg) -> tuple[Hog, Hog]:
     """A big process and a smaller one the kernel's formula prefers (adj 500)."""
     return cg.start_hog(80, adj=0), cg.start_hog(40, adj=500)
@@ -114,7 +128,7 @@ def test_the_warden_kills_instead_of_the_kernel(cg: ChildMemcg, tmp_path: Path) 
     try:
         warden.wait_for("watching 1 memory cgroups")
         assert oom_control(cg)["oom_kill_disable"] == 1
-        grower = cg.start_grower(144)
+        grower = cg.start_grower(GROWER_MIB)
         dead = wait_dead([big, favoured, grower])
         assert dead == [favoured] and favoured.proc.returncode == -9
         line = warden.wait_for("killed pid")
@@ -134,7 +148,7 @@ def test_dry_run_leaves_the_kernel_in_charge(cg: ChildMemcg, tmp_path: Path) -> 
     try:
         warden.wait_for("watching 1 memory cgroups")
         assert oom_control(cg)["oom_kill_disable"] == 0
-        grower = cg.start_grower(144)
+        grower = cg.start_grower(GROWER_MIB)
         dead = wait_dead([big, favoured, grower])
         assert dead == [favoured]  # the kernel's own kill
         warden.wait_for("would kill pid")
@@ -157,7 +171,7 @@ def test_a_policy_that_raises_still_ends_the_oom(cg: ChildMemcg, tmp_path: Path)
     warden = Warden(config(tmp_path, cg, str(policy)))
     try:
         warden.wait_for("watching 1 memory cgroups")
-        grower = cg.start_grower(144)
+        grower = cg.start_grower(GROWER_MIB)
         assert wait_dead([big, favoured, grower]) == [favoured]
         warden.wait_for("killed pid")
         record = decisions(tmp_path)[0]
@@ -177,7 +191,7 @@ def test_sigkill_the_warden_mid_oom_the_kernel_takes_over(
     warden = Warden(config(tmp_path, cg, str(policy), extra="budget_ms = 60000"))
     try:
         warden.wait_for("watching 1 memory cgroups")
-        grower = cg.start_grower(144)
+        grower = cg.start_grower(GROWER_MIB)
         deadline = time.monotonic() + 20
         while oom_control(cg)["under_oom"] != 1 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -249,7 +263,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(cg: ChildMemcg, tmp_path: Pa
         warden.proc.send_signal(signal.SIGHUP)
         warden.wait_for("reload failed, keeping the running config")
         assert oom_control(cg)["oom_kill_disable"] == 1
-        grower = cg.start_grower(144)
+        grower = cg.start_grower(GROWER_MIB)
         assert wait_dead([big, favoured, grower]) == [favoured]
         warden.wait_for("killed pid")
         assert oom_control(cg)["oom_kill"] == 0
@@ -277,3 +291,76 @@ def test_it_tells_systemd_it_is_ready(cg: ChildMemcg, tmp_path: Path) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
+
+
+def test_actions_that_do_not_end_the_oom_hand_it_to_the_kernel(
+    cg: ChildMemcg, tmp_path: Path
+) -> None:
+    """A handler whose action "succeeds" but frees nothing must not leave the
+    cgroup paused: the warden hands the OOM to the kernel."""
+    policy = tmp_path / "noop.py"
+    policy.write_text("from oomwarden.policy import RunHook\n\n"
+                      "def handle(event, ctx):\n    return [RunHook(('/bin/true',))]\n")
+    policy.chmod(0o644)
+    big, favoured = scene(cg)
+    warden = Warden(config(tmp_path, cg, str(policy)))
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        grower = cg.start_grower(GROWER_MIB)
+        warden.wait_for("the actions did not end the OOM")
+        dead = wait_dead([big, favoured, grower], timeout=10)
+        assert dead and oom_control(cg)["oom_kill"] >= 1  # the kernel resolved it
+    finally:
+        assert warden.stop() == 0
+    assert oom_control(cg)["oom_kill_disable"] == 0
+
+
+def test_a_child_made_while_paused_is_restored_too(cg: ChildMemcg, tmp_path: Path) -> None:
+    warden = Warden(config(tmp_path, cg))
+    child = cg.path / "made-while-paused"
+    try:
+        warden.wait_for("watching 1 memory cgroups")
+        child.mkdir()
+        assert "oom_kill_disable 1" in (child / "memory.oom_control").read_text()
+    finally:
+        assert warden.stop() == 0
+        try:
+            assert "oom_kill_disable 0" in (child / "memory.oom_control").read_text()
+        finally:
+            child.rmdir()
+
+
+def test_the_warden_refuses_to_watch_its_own_cgroup(tmp_path: Path) -> None:
+    own = Path("/proc/self/cgroup").read_text().split(":memory:", 1)[1].split("\n")[0]
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f'decision_log = "{tmp_path / "d.jsonl"}"\n[[watch]]\n'
+                    f'domain = "cgroup:{own}"\ntriggers = ["oom"]\npolicy = "kernel"\n')
+    path.chmod(0o644)
+    done = subprocess.run([sys.executable, "-m", "oomwarden.cli", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "the warden itself runs in" in done.stderr
+
+
+def test_the_watchdog_survives_sigterm_and_restores(cg: ChildMemcg) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    watchdog = subprocess.Popen([sys.executable, "-m", "oomwarden.watchdog", str(sleeper.pid),
+                                 str(cg.path)], stdout=subprocess.PIPE)
+    try:
+        assert watchdog.stdout is not None and watchdog.stdout.readline() == b"watching\n"
+        cg.write("memory.oom_control", "1")
+        watchdog.send_signal(signal.SIGTERM)
+        watchdog.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        assert watchdog.poll() is None  # deaf to both
+        sleeper.kill()
+        sleeper.wait(timeout=5)
+        assert watchdog.wait(timeout=5) == 0
+        assert oom_control(cg)["oom_kill_disable"] == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=5)
+        watchdog.kill()
+        watchdog.wait(timeout=5)
+        if watchdog.stdout is not None:
+            watchdog.stdout.close()
+        cg.write("memory.oom_control", "0")

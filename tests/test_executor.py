@@ -96,11 +96,19 @@ def test_a_recycled_identity_is_refused(memcg_factory: MemcgFactory) -> None:
 
 
 def test_never_pid_1_the_warden_or_the_protected(memcg_factory: MemcgFactory) -> None:
+    """Refusals come before any signal; checked in a dry run for pid 1 and this
+    process (a regression must not be able to kill init or the test runner)."""
     hog = memcg_factory.create(limit_bytes=256 * MiB).start_hog(10)
-    ex = Executor(protect=frozenset({hog.pid}))
-    for pid in (1, os.getpid(), hog.pid):
-        r = ex.execute(KillProcess(pid, start_ticks(pid)))
+    for pid in (1, os.getpid()):
+        r = Executor(dry_run=True).execute(KillProcess(pid, start_ticks(pid)))
         assert not r.ok and "refused" in r.detail
+    r = Executor(protect=frozenset({hog.pid})).execute(KillProcess(hog.pid,
+                                                                   start_ticks(hog.pid)))
+    assert not r.ok and "refused" in r.detail
+    kthread = next(p for p in range(2, 200) if Path(f"/proc/{p}/stat").exists()
+                   and parse_stat(Path(f"/proc/{p}/stat").read_bytes()).kthread)
+    r = Executor(dry_run=True).execute(KillProcess(kthread, start_ticks(kthread)))
+    assert not r.ok and "kernel thread" in r.detail
     assert hog.proc.poll() is None and alive(1)
 
 
@@ -226,6 +234,7 @@ def test_dry_run_signals_nothing(memcg_factory: MemcgFactory) -> None:
         assert r.ok and "dry run" in r.detail
     time.sleep(0.1)
     assert hog.proc.poll() is None
+    assert parse_stat(Path(f"/proc/{hog.pid}/stat").read_bytes()).state != "T"  # not stopped
 
 
 @pytest.fixture
@@ -241,6 +250,7 @@ def shm_dir() -> Iterator[Path]:
 
 
 def test_delete_files_only_regular_files_on_a_tmpfs(shm_dir: Path, tmp_path: Path) -> None:
+    need(fs_magic(tmp_path) != TMPFS_MAGIC, "the temporary folder is itself a tmpfs")
     (shm_dir / "a").write_bytes(b"x" * 65536)
     (shm_dir / "b").write_bytes(b"y" * 4096)
     (shm_dir / "sub").mkdir()

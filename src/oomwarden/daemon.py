@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import json
 import os
+import select
 import selectors
 import signal
 import socket
@@ -51,6 +52,7 @@ from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
+from oomwarden.sources.parse import parse_proc_cgroup
 from oomwarden.sources.procfs import ReadOptions, read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
@@ -61,6 +63,15 @@ IDLE_S = 1.0
 MCL_CURRENT, MCL_FUTURE = 1, 2
 #: The warm-up decision's budget.
 WARM_UP_BUDGET_S = 0.05
+#: An OOM event's decision and hooks, at most (the cgroup is paused meanwhile).
+EVENT_BUDGET_S = 1.0
+#: After the actions, how long the OOM may take to clear before the kernel
+#: is handed the rest.
+SETTLE_S = 0.5
+#: The exit status when the daemon had to stop on an error.
+EXIT_FAILED = 2
+#: How long the watchdog may take to say it is armed.
+WATCHDOG_ARM_S = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 #: Growth policies: a snapshot every second, the last few kept.
@@ -150,6 +161,7 @@ class Warden:
     lock_memory: bool = True
     _warned: set[str] = field(default_factory=set)
     _next_ping: float = 0.0
+    _exit_code: int = 0
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -167,17 +179,37 @@ class Warden:
             for spec in self.specs:
                 self.watches.append(self._watch(spec, snapshot))
             self._thresholds = [_Threshold(t) for t in self.thresholds]
-            paused = [w.oom_control for w in self.watches if w.paused]
-            if paused:
-                self._watchdog = subprocess.Popen(
-                    [sys.executable, "-m", "oomwarden.watchdog", str(os.getpid()), *paused],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                )
-                assert self._watchdog.stdout is not None
-                self._watchdog.stdout.readline()  # "watching": armed before any OOM
+            to_pause = [w for w in self.watches if not (self.dry_run or w.spec.dry_run)]
+            if to_pause:
+                # The watchdog is armed *before* the first cgroup is paused:
+                # from the first write on, a dead warden is covered.
+                self._arm_watchdog([w.fs_path for w in to_pause])
+                for w in to_pause:
+                    self._write_disable(w, "1")
+                    w.paused = True
+        except OSError as e:
+            self.stop()
+            raise DaemonError(f"cannot set the watches up: {e.strerror or e}") from None
         except BaseException:
             self.stop()
             raise
+
+    def _arm_watchdog(self, cgroup_dirs: list[str]) -> None:
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "oomwarden.watchdog", str(os.getpid()), *cgroup_dirs],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True,
+        )
+        assert self._watchdog.stdout is not None
+        ready, _, _ = select.select([self._watchdog.stdout], [], [], WATCHDOG_ARM_S)
+        line = self._watchdog.stdout.readline() if ready else b""
+        if line.strip() != b"watching":
+            raise DaemonError("the watchdog did not start: the kernel's killer is left in "
+                              "charge")
+
+    @staticmethod
+    def _write_disable(w: _Watch, value: str) -> None:
+        with open(w.oom_control, "w") as f:
+            f.write(value)
 
     def _protect_self(self) -> None:
         """Lock the warden's memory and exempt it from the kernel's killer,
@@ -245,6 +277,7 @@ class Warden:
         except OomwardenError as e:
             self._say(f"reload failed while setting up, the kernel's killer is in charge: {e}")
             self._stop = True
+            self._exit_code = EXIT_FAILED
             return
         for w in self.watches:
             selector.register(w.event_fd, selectors.EVENT_READ, w)
@@ -261,18 +294,17 @@ class Warden:
                               "limits nothing")
         if cg.path == "/":
             raise DaemonError("the root memory cgroup has no limit of its own")
+        own = _own_memcg()
+        if own is not None and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/")):
+            raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
+                              "cgroup's limit it would be paused with the others")
         control = os.path.join(cg.fs_path, "memory.oom_control")
         control_fd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
         event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             with open(os.path.join(cg.fs_path, "cgroup.event_control"), "w") as f:
                 f.write(f"{event_fd} {control_fd}")
-            watch = _Watch(spec, cg.path, cg.fs_path, cg.inode, event_fd, control_fd)
-            if not (self.dry_run or spec.dry_run):
-                with open(control, "w") as f:
-                    f.write("1")
-                watch.paused = True
-            return watch
+            return _Watch(spec, cg.path, cg.fs_path, cg.inode, event_fd, control_fd)
         except OSError as e:
             os.close(event_fd)
             os.close(control_fd)
@@ -281,7 +313,8 @@ class Warden:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.start()
+        # Handlers first: a SIGTERM while the watches are set up ends the run
+        # through stop(), which restores what was done.
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT,
                                                        signal.SIGHUP)}
@@ -295,6 +328,15 @@ class Warden:
         old_wakeup = signal.set_wakeup_fd(write_end)
         for s in previous:
             signal.signal(s, wake)
+        try:
+            self.start()
+        except BaseException:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            os.close(read_end)
+            os.close(write_end)
+            raise
         selector = selectors.DefaultSelector()
         selector.register(read_end, selectors.EVENT_READ, None)
         for w in self.watches:
@@ -320,22 +362,30 @@ class Warden:
                         with contextlib.suppress(OSError):
                             os.read(read_end, 512)
                         continue
-                    self._on_event(key.data)
+                    watch = key.data
+                    try:
+                        self._on_event(watch)
+                    except Exception as e:
+                        self._hand_over(watch, f"internal error: {type(e).__name__}: {e}")
                 self._take_back()
                 for t in self._thresholds:
                     if time.monotonic() >= t.next_check:
-                        self._check_threshold(t)
+                        try:
+                            self._check_threshold(t)
+                        except Exception as e:
+                            self._say(f"threshold check failed: {type(e).__name__}: {e}")
+                            t.next_check = time.monotonic() + IDLE_S
                 if self._needs_history() and time.monotonic() >= self._next_history:
                     self._keep_history()
         finally:
+            self.stop()  # before the default handlers are back
             selector.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, handler in previous.items():
                 signal.signal(s, handler)
             os.close(read_end)
             os.close(write_end)
-            self.stop()
-        return 0
+        return self._exit_code
 
     def _on_event(self, w: _Watch) -> None:
         event_ns = time.time_ns()
@@ -355,14 +405,22 @@ class Warden:
         if cg is None or cg.inode != w.inode:
             self._hand_over(w, "the watched cgroup changed")
             return
+        # The cgroup's tasks are paused while the warden decides: the
+        # decision gets at most EVENT_BUDGET_S whatever the configured budget.
         decision = decide(snapshot, cgroup_domain(snapshot, cg), w.spec.policy,
                           history=self._history_for(snapshot, w.spec.policy),
                           event=Event("oom", f"cgroup:{w.path}"), guard=signal_guard,
-                          budget_s=self.budget_s)
+                          budget_s=min(self.budget_s, EVENT_BUDGET_S))
         decided_ns = time.time_ns()
-        executor = Executor(dry_run=dry, sigterm_grace_s=w.spec.sigterm_grace_s,
-                            protect=frozenset(self._own_pids()))
-        results = executor.run(decision.actions, self._hook_env(decision))
+        # No SIGTERM grace here: tasks waiting in a v1 OOM sleep killable, a
+        # SIGTERM would only wait; hooks get a short leash for the same reason.
+        executor = Executor(dry_run=dry, protect=frozenset(self._own_pids()),
+                            hook_timeout_s=EVENT_BUDGET_S, domain=("v1", w.path))
+        try:
+            results = executor.run(decision.actions, self._hook_env(decision))
+        except Exception as e:
+            self._hand_over(w, f"the executor failed: {e}")
+            return
         done_ns = time.time_ns()
         w.decisions += 1
         self._record(f"cgroup:{w.path}", decision, results, (event_ns, decided_ns, done_ns),
@@ -370,6 +428,8 @@ class Warden:
         if not dry and (not decision.actions or not any(r.ok for r in results)):
             self._hand_over(w, "no action succeeded" if decision.actions else
                             "the policy chose nothing")
+        elif not dry and self._still_under_oom(w):
+            self._hand_over(w, "the actions did not end the OOM")
         elif not dry:
             w.last_kill = time.monotonic()
 
@@ -431,6 +491,15 @@ class Warden:
         t.last_action = time.monotonic()
         self._record("system", decision, results, (event_ns, decided_ns, time.time_ns()), dry)
 
+    def _still_under_oom(self, w: _Watch) -> bool:
+        """After the actions: is the cgroup still stuck at its limit?"""
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline:
+            if not self._under_oom(w):
+                return False
+            time.sleep(0.01)
+        return self._under_oom(w)
+
     def _under_oom(self, w: _Watch) -> bool:
         try:
             with open(w.oom_control) as f:
@@ -442,17 +511,20 @@ class Warden:
         """Let the kernel's killer resolve this OOM; take it back afterwards."""
         if not w.paused:
             return
-        with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
-            f.write("0")
+        restore_subtree(w.fs_path)
         w.handed_over = True
         self._say(f"cgroup:{w.path}: {why}; the kernel's own killer resolves this OOM")
 
     def _take_back(self) -> None:
         for w in self.watches:
             if w.handed_over and not self._under_oom(w):
-                with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
-                    f.write("1")
                 w.handed_over = False
+                try:
+                    if os.stat(w.fs_path).st_ino != w.inode:
+                        continue  # removed and made again: not the cgroup we watch
+                    self._write_disable(w, "1")
+                except OSError:
+                    continue
 
     # -- output ---------------------------------------------------------------------------
 
@@ -468,7 +540,10 @@ class Warden:
                          "freed_bytes": r.freed_bytes} for r in results],
         })
         if self._log is not None:
-            self._log.write(json.dumps(record, default=str) + "\n")
+            try:
+                self._log.write(json.dumps(record, default=str) + "\n")
+            except (OSError, ValueError) as e:  # a full disk must not stop the warden
+                self._warn_once("log", f"cannot write the decision log: {e}")
         v = d.victim
         what = "would kill" if dry else "killed"
         if v is not None:
@@ -504,8 +579,7 @@ class Warden:
         """Restore every setting changed, on every exit path."""
         for w in self.watches:
             if w.paused:
-                with contextlib.suppress(OSError), open(w.oom_control, "w") as f:
-                    f.write("0")
+                restore_subtree(w.fs_path)
                 w.paused = False
             for fd in (w.event_fd, w.control_fd):
                 with contextlib.suppress(OSError):
@@ -563,3 +637,25 @@ def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
                      for p in paths)
     return Warden(specs, config.decision_log, thresholds=thresholds,
                   budget_s=config.budget_ms / 1000, dry_run=dry_run)
+
+
+def restore_subtree(fs_path: str) -> None:
+    """oom_kill_disable=0 on a cgroup and every cgroup below it: a child made
+    while its parent was paused inherits the setting, and restoring the parent
+    does not reset it."""
+    for dirpath, _dirs, files in os.walk(fs_path):
+        if "memory.oom_control" in files:
+            with contextlib.suppress(OSError), open(
+                os.path.join(dirpath, "memory.oom_control"), "w"
+            ) as f:
+                f.write("0")
+
+
+def _own_memcg() -> str | None:
+    """This process's v1 memory cgroup path."""
+    try:
+        with open("/proc/self/cgroup", "rb") as f:
+            memcg, _ = parse_proc_cgroup(f.read())
+    except (OSError, OomwardenError):
+        return None
+    return memcg

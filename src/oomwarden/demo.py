@@ -41,14 +41,23 @@ def _warden(config: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
                              str(config)], stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.2)
-        if ready:
-            line = proc.stderr.readline()
-            if not line or "watching" in line:
-                break
+    wait_for_line(proc.stderr.fileno(), "watching", 30.0)
     return proc
+
+
+def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
+    """Read the raw pipe (no line can hide in a buffer) until ``needle``."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return False
+            seen += chunk
+            if needle.encode() in seen:
+                return True
+    return False
 
 
 def _confined(console: Console) -> int:

@@ -42,11 +42,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from oomwarden.errors import ParseError
+from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.fsmagic import TMPFS_MAGIC
-from oomwarden.sources.parse import parse_oom_score_adj, parse_stat
+from oomwarden.sources.parse import parse_oom_score_adj, parse_proc_cgroup, parse_stat
 
 #: Bounds: a kill must end, whatever the victim does.
 EXIT_WAIT_S = 2.0
@@ -114,6 +114,11 @@ class Executor:
     sigterm_grace_s: float = 0.0
     #: SIGTERM only, no SIGKILL unless a grace is set (earlyoom's first level).
     term_only: bool = False
+    #: Hooks get at most this long.
+    hook_timeout_s: float = HOOK_TIMEOUT_S
+    #: The OOM domain (hierarchy kind value, cgroup path): a tree kill spares
+    #: descendants outside it (they were never part of the decision).
+    domain: tuple[str, str] | None = None
     protect: frozenset[int] = field(default_factory=frozenset)
     clock: Callable[[], float] = time.monotonic
 
@@ -135,11 +140,15 @@ class Executor:
         except OSError as e:  # the executor's own I/O; never an exception to the caller
             return Result(type(action).__name__, False, f"{e.strerror or e}",
                           self.clock() - started)
+        except OomwardenError as e:  # /proc or cgroupfs that did not read or parse
+            return Result(type(action).__name__, False, str(e), self.clock() - started)
 
     # -- processes ------------------------------------------------------------------
 
-    def _why_not(self, pid: int, start_ticks: int | None) -> str | None:
-        """None if the process may be signalled, else why not."""
+    def _why_not(self, pid: int, start_ticks: int | None,
+                 ppid: int | None = None) -> str | None:
+        """None if the process may be signalled, else why not. ``ppid``: it
+        must still be that process's child (a recycled PID is not)."""
         if pid <= 1:
             return "pid 1 is never killed"
         if pid == os.getpid() or pid in self.protect:
@@ -151,6 +160,8 @@ class Executor:
                 adj = parse_oom_score_adj(f.read())
         except (OSError, ParseError):
             return f"pid {pid} is gone"
+        if ppid is not None and info.ppid != ppid:
+            return f"pid {pid} is no longer a child of {ppid}"
         if start_ticks is not None and info.start_ticks != start_ticks:
             return f"pid {pid} now names another process (start {info.start_ticks}, not " \
                    f"{start_ticks})"
@@ -160,17 +171,31 @@ class Executor:
             return f"pid {pid} has oom_score_adj -1000"
         return None
 
-    def _open(self, pid: int, start_ticks: int | None) -> tuple[int | None, str | None]:
+    def _open(self, pid: int, start_ticks: int | None,
+              ppid: int | None = None) -> tuple[int | None, str | None]:
         """A pidfd for the process, taken *before* its identity is checked."""
         try:
             fd = os.pidfd_open(pid)
         except OSError as e:
             return None, f"pid {pid}: {e.strerror}"
-        why = self._why_not(pid, start_ticks)
+        why = self._why_not(pid, start_ticks, ppid)
+        if why is None and self.domain is not None and not self._in_domain(pid):
+            why = f"pid {pid} is outside {self.domain[0]}:{self.domain[1]}"
         if why is not None:
             os.close(fd)
             return None, why
         return fd, None
+
+    def _in_domain(self, pid: int) -> bool:
+        assert self.domain is not None
+        kind, top = self.domain
+        try:
+            with open(f"{self.proc_root}/{pid}/cgroup", "rb") as f:
+                memcg, unified = parse_proc_cgroup(f.read())
+        except (OSError, ParseError):
+            return False
+        path = memcg if kind == "v1" else unified
+        return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
 
     def _signal(self, fd: int, sig: int) -> bool:
         if self.dry_run:
@@ -178,7 +203,7 @@ class Executor:
         try:
             signal.pidfd_send_signal(fd, sig)
             return True
-        except ProcessLookupError:
+        except OSError:  # gone (ESRCH) or not permitted (EPERM)
             return False
 
     def _wait(self, fds: list[int], timeout_s: float) -> bool:
@@ -244,6 +269,7 @@ class Executor:
         if root_fd is None:
             return Result("kill_tree", False, f"refused: {why}", self.clock() - started)
         fds = {action.pid: root_fd}
+        finished = False
         spare = set(action.spare_pids)
         refused: list[str] = []
         try:
@@ -263,7 +289,7 @@ class Executor:
                         found = True
                         if child in spare:
                             continue
-                        fd, why_child = self._open(child, None)
+                        fd, why_child = self._open(child, None, ppid=pid)
                         if fd is None:
                             refused.append(why_child or "?")
                             spare.add(child)
@@ -272,13 +298,23 @@ class Executor:
                         fds[child] = fd
                 if not found:
                     break
-            summary = self._kill_fds(list(fds.values()))
+            if self.term_only:  # earlyoom's first level: SIGTERM, and let them run
+                for fd in fds.values():
+                    self._signal(fd, signal.SIGTERM)
+                    self._signal(fd, signal.SIGCONT)
+                summary = f"{len(fds)} sent SIGTERM"
+            else:
+                summary = self._kill_fds(list(fds.values()))
+            finished = True
             spared = f"; spared {sorted(spare)}" if spare else ""
             if refused:
                 spared += "; refused: " + "; ".join(refused[:5])
             return Result("kill_tree", True, summary + spared + self._dry(),
                           self.clock() - started, tuple(sorted(fds)))
         finally:
+            if not finished:  # never leave a stopped tree behind
+                for fd in fds.values():
+                    self._signal(fd, signal.SIGKILL)
             for fd in fds.values():
                 os.close(fd)
 
@@ -306,7 +342,8 @@ class Executor:
         members = self._members(path)
         protected = [p for p in members if p in spare or self._why_not(p, None)]
         kill_file = os.path.join(path, "cgroup.kill")
-        if not protected and os.path.exists(kill_file):
+        complete = len(members) < MAX_TREE  # every member was seen and checked
+        if not protected and complete and not self.term_only and os.path.exists(kill_file):
             if not self.dry_run:
                 with open(kill_file, "w") as f:
                     f.write("1")
@@ -328,10 +365,16 @@ class Executor:
             if not fds:
                 break
             try:
-                self._kill_fds(fds)
+                if self.term_only:
+                    for fd in fds:
+                        self._signal(fd, signal.SIGTERM)
+                else:
+                    self._kill_fds(fds)
             finally:
                 for fd in fds:
                     os.close(fd)
+            if self.term_only:
+                break
             if self.dry_run:
                 break
         spared = f"; spared {sorted(spare)}" if spare else ""
@@ -394,7 +437,7 @@ class Executor:
             return Result("run_hook", True, f"would run {list(action.argv)}", 0.0)
         try:
             done = subprocess.run(list(action.argv), env={**os.environ, **env},
-                                  timeout=min(action.timeout_s, HOOK_TIMEOUT_S * 60),
+                                  timeout=min(action.timeout_s, self.hook_timeout_s),
                                   capture_output=True, check=False,
                                   preexec_fn=_ordinary_oom_score)
         except subprocess.TimeoutExpired:
