@@ -364,3 +364,42 @@ def test_the_watchdog_survives_sigterm_and_restores(cg: ChildMemcg) -> None:
         if watchdog.stdout is not None:
             watchdog.stdout.close()
         cg.write("memory.oom_control", "0")
+
+
+def test_the_priority_policy_kills_the_batch_job_not_the_largest(
+    cg: ChildMemcg, tmp_path: Path
+) -> None:
+    """Inside the watched cgroup, a small batch job and a large web process: the
+    kernel would kill the larger; `priority` kills the batch class first."""
+    batch, web = cg.path / "batch-job", cg.path / "web"
+    batch.mkdir()
+    web.mkdir()
+    try:
+        small = cg.start_hog(40)
+        large = cg.start_hog(100)
+        (batch / "cgroup.procs").write_text(str(small.pid))
+        (web / "cgroup.procs").write_text(str(large.pid))
+        warden = Warden(config(tmp_path, cg, "priority"))
+        try:
+            warden.wait_for("watching 1 memory cgroups")
+            grower = cg.start_grower(120)
+            dead = wait_dead([small, large, grower])
+            assert dead == [small] and small.proc.returncode == -9
+            record = decisions(tmp_path)[0]
+            assert record["victim"]["pid"] == small.pid
+            kernel_choice = max(record["candidates"], key=lambda c: c["kernel_points"])
+            assert kernel_choice["pid"] != small.pid  # the kernel would have chosen another
+            assert oom_control(cg)["oom_kill"] == 0
+        finally:
+            assert warden.stop() == 0
+    finally:
+        for hog in cg.hogs:
+            hog.proc.kill()
+            hog.proc.wait(timeout=5)
+        for sub in (batch, web):
+            deadline = time.monotonic() + 10
+            while sub.exists() and time.monotonic() < deadline:
+                try:
+                    sub.rmdir()
+                except OSError:
+                    time.sleep(0.05)
