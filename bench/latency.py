@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import select
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from oomwarden.sandbox import ChildMemcg, MemcgFactory, own_v1_memcg_dir
+from oomwarden.sandbox import (
+    ChildMemcg,
+    MemcgFactory,
+    own_v1_memcg_dir,
+    start_warden,
+    stop_warden,
+)
 
 LIMIT_MIB = 128
 GROWER_MIB = 192
@@ -81,45 +86,6 @@ def sleepers(cg: ChildMemcg, n: int) -> list[subprocess.Popen[bytes]]:
         (cg.path / "cgroup.procs").write_text(str(p.pid))
         procs.append(p)
     return procs
-
-
-def start_warden(cg: ChildMemcg, tmp: str) -> subprocess.Popen[str]:
-    config = Path(tmp) / "oomwarden.toml"
-    config.write_text(f'decision_log = "{tmp}/decisions.jsonl"\n\n[[watch]]\n'
-                      f'domain = "cgroup:{cg.hierarchy_path}"\ntriggers = ["oom"]\n'
-                      'policy = "kernel"\n')
-    config.chmod(0o644)
-    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
-                             str(config)], stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    wait_for_line(proc.stderr.fileno(), "watching", 30.0)
-    return proc
-
-
-def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
-    """Read the raw pipe (no line can hide in a buffer) until ``needle``."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return False
-            seen += chunk
-            if needle.encode() in seen:
-                return True
-    return False
-
-
-def stop(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    if proc.stderr is not None:
-        proc.stderr.close()
 
 
 def oom_kills(cg: ChildMemcg) -> int:
@@ -178,7 +144,7 @@ def main() -> int:
                                 idle_cpu = cpu1 - cpu0
                         finally:
                             if warden is not None:
-                                stop(warden)
+                                stop_warden(warden)
                 finally:
                     os.close(efd)
                     os.close(control)

@@ -54,6 +54,7 @@ from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
 from oomwarden.policy.rules import KeyLines
+from oomwarden.textfile import read_text_file
 
 Trigger = Literal["oom", "pressure", "threshold", "events", "margin"]
 TRIGGERS: tuple[Trigger, ...] = ("oom", "pressure", "threshold", "events", "margin")
@@ -278,35 +279,12 @@ def load_config(path: str, *, check_owner: bool | None = None,
         raise ConfigError("config file: empty path")
     if check_owner is None:
         check_owner = os.geteuid() == 0
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {where} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"config file {where} cannot be read: {e.strerror or e}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ConfigError(f"config file {where} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"config file {where} is not a regular file")
-        if check_owner:
+    owner_check = None
+    if check_owner:
+        def owner_check(info: os.stat_result) -> None:
             _check_owner(where, info, path)
-        if info.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {where} is {info.st_size} bytes, more than "
-                              f"{MAX_CONFIG_BYTES} (is it really a config file?)")
-        raw = os.read(fd, MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config file {where} is larger than {MAX_CONFIG_BYTES} bytes")
-    except OSError as e:
-        raise ConfigError(f"config file {where} cannot be read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{where}:{line}: not UTF-8 text (a TOML file is UTF-8)") from None
+    text = read_text_file(path, what="config file", max_bytes=MAX_CONFIG_BYTES,
+                          error=ConfigError, where=where, check=owner_check)
     return parse_config(text, path, base_dir=os.path.dirname(os.path.abspath(path)),
                         cap_sys_resource=cap_sys_resource)
 

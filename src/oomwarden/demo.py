@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,36 +26,13 @@ from pathlib import Path
 from rich.console import Console
 
 from oomwarden.cli import main as cli_main
-from oomwarden.sandbox import Hog, MemcgFactory, own_v1_memcg_dir
+from oomwarden.sandbox import Hog, MemcgFactory, own_v1_memcg_dir, start_warden, stop_warden
 
 MiB = 1024 * 1024
 LIMIT_MIB = 512
 DATABASE_MIB = 300
 LEAK_MIB_PER_S = 30
 WAIT_S = 60
-
-
-def _warden(config: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
-                             str(config)], stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    wait_for_line(proc.stderr.fileno(), "watching", 30.0)
-    return proc
-
-
-def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
-    """Read the raw pipe (no line can hide in a buffer) until ``needle``."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return False
-            seen += chunk
-            if needle.encode() in seen:
-                return True
-    return False
 
 
 def _confined(console: Console) -> int:
@@ -70,7 +45,7 @@ def _confined(console: Console) -> int:
                       "memory controller; on pure cgroup v2 hosts, see the VM test lane)")
         return 0
     factory = MemcgFactory(parent, prefix="oomwarden-demo")
-    warden: subprocess.Popen[str] | None = None
+    warden: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="oomwarden-demo-") as tmp:
         try:
             cg = factory.create(limit_bytes=LIMIT_MIB * MiB)
@@ -79,12 +54,7 @@ def _confined(console: Console) -> int:
             database = cg.start_hog(DATABASE_MIB, name="database")
             console.print(f"pid {database.pid} 'database' holds {DATABASE_MIB} MiB")
             log = Path(tmp) / "decisions.jsonl"
-            config = Path(tmp) / "oomwarden.toml"
-            config.write_text(f'decision_log = "{log}"\n\n[[watch]]\n'
-                              f'domain = "cgroup:{cg.hierarchy_path}"\n'
-                              'triggers = ["oom"]\npolicy = "growth"\n')
-            config.chmod(0o644)
-            warden = _warden(config)
+            warden = start_warden(cg, tmp, policy="growth")
             leaker = cg.start_leaker(LEAK_MIB_PER_S, name="leaker")
             console.print(f"pid {leaker.pid} 'leaker' grows by {LEAK_MIB_PER_S} MiB/s")
             dead = _wait_for_a_death([database, leaker], console)
@@ -94,14 +64,7 @@ def _confined(console: Console) -> int:
             return _report(console, log, database, leaker, dead)
         finally:
             if warden is not None:
-                warden.send_signal(signal.SIGTERM)
-                try:
-                    warden.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    warden.kill()
-                    warden.wait(timeout=5)
-                if warden.stderr is not None:
-                    warden.stderr.close()
+                stop_warden(warden)
             factory.cleanup()
             console.print("removed the demo cgroup, its processes and the warden")
 

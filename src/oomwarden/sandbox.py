@@ -193,3 +193,50 @@ def _mount_of(path: Path) -> Path:
         if h.kind is HierarchyKind.V1 and h.has_memory:
             return Path(h.mount_point)
     raise RuntimeError("no v1 memory hierarchy")
+
+
+def start_warden(cg: ChildMemcg, workdir: str, policy: str = "kernel",
+                 timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """``oomwarden run`` on ``cg`` (trigger ``oom``), its config and decision
+    log in ``workdir``; returns once it says it is watching."""
+    config = os.path.join(workdir, "oomwarden.toml")
+    with open(config, "w") as f:
+        f.write(f'decision_log = "{workdir}/decisions.jsonl"\n\n[[watch]]\n'
+                f'domain = "cgroup:{cg.hierarchy_path}"\ntriggers = ["oom"]\n'
+                f'policy = "{policy}"\n')
+    os.chmod(config, 0o644)
+    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config", config],
+                            stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    if not wait_for_line(proc.stderr.fileno(), "watching", timeout):
+        stop_warden(proc)
+        raise RuntimeError("the warden did not start")
+    return proc
+
+
+def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
+    """Read a raw pipe (no line can hide in a buffer) until ``needle``."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return False
+            seen += chunk
+            if needle.encode() in seen:
+                return True
+    return False
+
+
+def stop_warden(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, a bounded wait, SIGKILL if need be."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+    if proc.stderr is not None:
+        proc.stderr.close()

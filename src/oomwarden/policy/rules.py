@@ -43,7 +43,6 @@ import math
 import os
 import pwd
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from oomwarden.policy.api import (
     VictimKind,
     select,
 )
+from oomwarden.textfile import read_text_file
 from oomwarden.units import fmt_bytes
 
 Action = Literal["protect", "prefer", "avoid", "points", "victim-first", "victim-last"]
@@ -503,33 +503,8 @@ MIN_FACTOR, MAX_FACTOR = 1e-6, 1e6
 def read_rules(path: str) -> RuleSet:
     """The compiled rules of ``path``: a regular file (opened without blocking,
     so a FIFO cannot hang the load) of at most :data:`MAX_RULES_BYTES`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise PolicyError(f"rules file {path} does not exist") from None
-    except OSError as e:
-        raise PolicyError(f"rules file {path} cannot be read: {e.strerror or e}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise PolicyError(f"rules file {path} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise PolicyError(f"rules file {path} is not a regular file")
-        if info.st_size > MAX_RULES_BYTES:
-            raise PolicyError(f"rules file {path} is {info.st_size} bytes, more than "
-                              f"{MAX_RULES_BYTES} (is it really a rules file?)")
-        raw = os.read(fd, MAX_RULES_BYTES + 1)
-        if len(raw) > MAX_RULES_BYTES:
-            raise PolicyError(f"rules file {path} is larger than {MAX_RULES_BYTES} bytes")
-    except OSError as e:
-        raise PolicyError(f"rules file {path} cannot be read: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise PolicyError(f"{path}:{line}: not UTF-8 text (a TOML file is UTF-8)") from None
+    text = read_text_file(path, what="rules file", max_bytes=MAX_RULES_BYTES,
+                          error=PolicyError)
     return parse_rules(text, path)
 
 
