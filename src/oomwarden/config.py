@@ -43,7 +43,6 @@ import difflib
 import fnmatch
 import math
 import os
-import re
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -54,7 +53,7 @@ from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
 from oomwarden.policy.rules import KeyLines
-from oomwarden.textfile import read_text_file
+from oomwarden.textfile import read_text_file, toml_error_message
 
 Trigger = Literal["oom", "pressure", "threshold", "events", "margin"]
 TRIGGERS: tuple[Trigger, ...] = ("oom", "pressure", "threshold", "events", "margin")
@@ -350,32 +349,10 @@ def parse_config(text: str, source: str, *, base_dir: str | None = None,
     return _Checker(_show(source), text, base_dir, cap_sys_resource).config(data)
 
 
-_POSITION = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
 
 
 def _toml_error(message: str, text: str, source: str) -> ConfigError:
-    """tomllib's message with its position as ``file:line:`` and the key on
-    that line, if any."""
-    m = _POSITION.search(message)
-    lines = text.splitlines()
-    line = int(m.group(1)) if m and m.group(1) else max(1, len(lines))
-    what = _POSITION.sub("", message)
-    what = what[:1].lower() + what[1:]
-    key = _key_on_line(lines[line - 1] if 0 < line <= len(lines) else "")
-    where = f"{key}: " if key else ""
-    return ConfigError(_one_line(f"{source}:{line}: {where}invalid TOML: {what}"))
-
-
-def _key_on_line(line: str) -> str:
-    s = line.strip()
-    if s.startswith("#"):
-        return ""
-    if s.startswith("["):
-        return s.strip("[] \t").split("]")[0].strip()
-    head, eq, _ = s.partition("=")
-    if eq and head.strip():
-        return re.sub(r"\s*\.\s*", ".", head.strip())
-    return ""
+    return ConfigError(toml_error_message(message, text, source))
 
 
 # -- checking -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ caller's own error class.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Callable
 
@@ -56,3 +57,40 @@ def read_text_file(
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise error(f"{shown}:{line}: not UTF-8 text (a TOML file is UTF-8)") from None
+
+
+_POSITION = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
+
+
+def one_line(message: str) -> str:
+    """Non-printable characters escaped (line breaks among them, ``\\x85``
+    and ``\\u2028`` too): an error is always one line."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def toml_error_message(message: str, text: str, source: str) -> str:
+    """tomllib's message as ``file:line: key: invalid TOML: ...`` (the key on
+    that line, if any)."""
+    m = _POSITION.search(message)
+    lines = text.splitlines()
+    line = int(m.group(1)) if m and m.group(1) else max(1, len(lines))
+    what = _POSITION.sub("", message)
+    what = what[:1].lower() + what[1:]
+    key = key_on_line(lines[line - 1] if 0 < line <= len(lines) else "")
+    where = f"{key}: " if key else ""
+    return one_line(f"{source}:{line}: {where}invalid TOML: {what}")
+
+
+def key_on_line(line: str) -> str:
+    """The TOML key (or table header) a line sets, or ""."""
+    s = line.strip()
+    if s.startswith("#"):
+        return ""
+    if s.startswith("["):
+        return s.strip("[] \t").split("]")[0].strip()
+    head, eq, _ = s.partition("=")
+    if eq and head.strip():
+        return re.sub(r"\s*\.\s*", ".", head.strip())
+    return ""

@@ -61,7 +61,7 @@ from oomwarden.policy.api import (
     VictimKind,
     select,
 )
-from oomwarden.textfile import read_text_file
+from oomwarden.textfile import read_text_file, toml_error_message
 from oomwarden.units import fmt_bytes
 
 Action = Literal["protect", "prefer", "avoid", "points", "victim-first", "victim-last"]
@@ -508,7 +508,6 @@ def read_rules(path: str) -> RuleSet:
     return parse_rules(text, path)
 
 
-_POSITION = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
 
 
 def parse_rules(text: str, source: str = "rules.toml") -> RuleSet:
@@ -522,24 +521,7 @@ def parse_rules(text: str, source: str = "rules.toml") -> RuleSet:
 
 
 def _toml_error(message: str, text: str, source: str) -> PolicyError:
-    m = _POSITION.search(message)
-    lines = text.splitlines()
-    line = int(m.group(1)) if m and m.group(1) else max(1, len(lines))
-    what = _POSITION.sub("", message)
-    what = what[:1].lower() + what[1:]
-    key = _key_on_line(lines[line - 1] if 0 < line <= len(lines) else "")
-    where = f"{key}: " if key else ""
-    return PolicyError(_one_line(f"{source}:{line}: {where}invalid TOML: {what}"))
-
-
-def _key_on_line(line: str) -> str:
-    s = line.strip()
-    if s.startswith("["):
-        return s.strip("[] \t").split("]")[0].strip()
-    head, eq, _ = s.partition("=")
-    if eq and head.strip() and not head.lstrip().startswith("#"):
-        return re.sub(r"\s*\.\s*", ".", head.strip())
-    return ""
+    return PolicyError(toml_error_message(message, text, source))
 
 
 class _Compiler:
