@@ -46,7 +46,7 @@ from oomwarden.config import Config, Threshold
 from oomwarden.decision import Decision
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import ConfigError, OomwardenError
-from oomwarden.model import HierarchyKind, Snapshot
+from oomwarden.model import Cgroup, HierarchyKind, Snapshot
 from oomwarden.policy.api import Event, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
@@ -263,6 +263,11 @@ class Warden:
             return
         try:
             fresh = self.reload()
+            # The new watches are checked before the running ones are given
+            # up: a cgroup that is gone or not watchable keeps the old config.
+            snapshot = build_snapshot(SourceConfig())
+            for spec in fresh.specs:
+                self._check_watch(spec, snapshot)
         except OomwardenError as e:
             self._say(f"reload failed, keeping the running config: {e}")
             return
@@ -284,7 +289,10 @@ class Warden:
         self._say(f"reloaded: watching {len(self.watches)} memory cgroups and "
                   f"{len(self._thresholds)} memory thresholds")
 
-    def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
+    @staticmethod
+    def _check_watch(spec: WatchSpec, snapshot: Any) -> Cgroup:
+        """Everything a watch needs, without touching the cgroup: run on a
+        reload before the running watches are given up."""
         cg = resolve_cgroup(snapshot, spec.cgroup)
         if cg.kind is not HierarchyKind.V1 or not cg.memory_controller:
             raise DaemonError(f"{spec.cgroup}: the oom trigger needs a cgroup v1 memory "
@@ -298,6 +306,10 @@ class Warden:
         if own is not None and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/")):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
                               "cgroup's limit it would be paused with the others")
+        return cg
+
+    def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
+        cg = self._check_watch(spec, snapshot)
         control = os.path.join(cg.fs_path, "memory.oom_control")
         control_fd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
         event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
