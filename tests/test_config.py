@@ -367,6 +367,10 @@ LONG = "/run/" + "s" * 103  # 108 bytes
     ("budget_ms = 60001\n" + W, "oomwarden.toml:1: budget_ms: 60001 is outside 1..60000"),
     ("budget_ms = 1.5\n" + W,
      "oomwarden.toml:1: budget_ms: expected a whole number, got a float (1.5)"),
+    ("budget_ms = 2.0\n" + W,  # the float shown as written, not as "2"
+     "oomwarden.toml:1: budget_ms: expected a whole number, got a float (2.0)"),
+    ("budget_ms = 1979-05-27\n" + W,
+     "oomwarden.toml:1: budget_ms: expected a whole number, got a date"),
     ("budget_ms = true\n" + W,
      "oomwarden.toml:1: budget_ms: expected a whole number, got a boolean (true)"),
     # the watch list

@@ -52,8 +52,14 @@ from typing import Literal, NoReturn, cast
 from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
-from oomwarden.policy.rules import KeyLines
-from oomwarden.textfile import read_text_file, toml_error_message
+from oomwarden.textfile import (
+    KeyLines,
+    KeyPath,
+    one_line,
+    read_text_file,
+    toml_error_message,
+    type_name,
+)
 
 Trigger = Literal["oom", "pressure", "threshold", "events", "margin"]
 TRIGGERS: tuple[Trigger, ...] = ("oom", "pressure", "threshold", "events", "margin")
@@ -357,7 +363,6 @@ def _toml_error(message: str, text: str, source: str) -> ConfigError:
 
 # -- checking -----------------------------------------------------------------------------
 
-Path = tuple[str | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +371,7 @@ class _Checked:
     (a config with a mistake anywhere runs no policy code)."""
 
     index: int
-    path: Path
+    path: KeyPath
     domain: Domain
     triggers: tuple[Trigger, ...]
     spec: str
@@ -387,10 +392,10 @@ class _Checker:
         self.base_dir = base_dir
         self.cap_sys_resource = cap_sys_resource
 
-    def fail(self, path: Path, message: str) -> NoReturn:
+    def fail(self, path: KeyPath, message: str) -> NoReturn:
         """Raise the one-line error for the key at ``path`` (its label is the
         start of ``message``)."""
-        raise ConfigError(_one_line(f"{self.source}:{self.lines.line(path)}: {message}"))
+        raise ConfigError(one_line(f"{self.source}:{self.lines.line(path)}: {message}"))
 
     # the file
     def config(self, data: Mapping[str, object]) -> Config:
@@ -433,7 +438,7 @@ class _Checker:
             return default
         value = data[key]
         if not isinstance(value, str):
-            self.fail((key,), f"{key}: expected a path (a string), got {_typename(value)}")
+            self.fail((key,), f"{key}: expected a path (a string), got {type_name(value)}")
         if not value:
             self.fail((key,), f"{key}: empty path")
         if not value.isprintable():
@@ -454,17 +459,17 @@ class _Checker:
             self.fail(("watch",), "watch: expected [[watch]] tables (an array of tables), "
                       "not a single [watch] table")
         if not isinstance(watches, list):
-            self.fail(("watch",), f"watch: expected [[watch]] tables, got {_typename(watches)}")
+            self.fail(("watch",), f"watch: expected [[watch]] tables, got {type_name(watches)}")
         if not watches:
             self.fail(("watch",), "watch: the list of watches is empty; a config file needs "
                       "at least one")
         out: list[_Checked] = []
         seen: dict[str, int] = {}
         for i, raw in enumerate(watches):
-            path: Path = ("watch", i)
+            path: KeyPath = ("watch", i)
             label = f"watch[{i + 1}]"
             if not isinstance(raw, dict):
-                self.fail(path, f"{label}: expected a table, got {_typename(raw)}")
+                self.fail(path, f"{label}: expected a table, got {type_name(raw)}")
             w = self.watch(i + 1, path, label, raw)
             if w.domain.spec in seen:
                 first = seen[w.domain.spec]
@@ -476,7 +481,7 @@ class _Checker:
         return out
 
     # one watch
-    def watch(self, index: int, path: Path, label: str, raw: Mapping[str, object]
+    def watch(self, index: int, path: KeyPath, label: str, raw: Mapping[str, object]
               ) -> _Checked:
         for key in raw:
             if key not in WATCH_KEYS:
@@ -490,12 +495,12 @@ class _Checker:
         spec_value = raw["policy"]
         if not isinstance(spec_value, str):
             self.fail((*path, "policy"), f"{label}.policy: expected a policy SPEC (a string), "
-                      f"got {_typename(spec_value)}")
+                      f"got {type_name(spec_value)}")
         victim: VictimKind | None = None
         if "victim" in raw:
             value = raw["victim"]
             if not isinstance(value, str) or value not in VICTIM_KINDS:
-                shown = repr(value) if isinstance(value, str) else _typename(value)
+                shown = repr(value) if isinstance(value, str) else type_name(value)
                 self.fail((*path, "victim"), f"{label}.victim: expected one of "
                           f"{', '.join(VICTIM_KINDS)}, got {shown}")
             victim = value
@@ -513,7 +518,7 @@ class _Checker:
             value = raw["dry_run"]
             if not isinstance(value, bool):
                 self.fail((*path, "dry_run"), f"{label}.dry_run: expected true or false, got "
-                          f"{_typename(value)}")
+                          f"{type_name(value)}")
             dry_run = value
         threshold = self.threshold(path, label, raw, triggers)
         pressure = self.pressure(path, label, raw, triggers)
@@ -530,10 +535,10 @@ class _Checker:
                         cooldown_s=cooldown, dry_run=dry_run, threshold=threshold,
                         pressure=pressure, margin_percent=margin)
 
-    def domain(self, path: Path, label: str, value: object) -> Domain:
+    def domain(self, path: KeyPath, label: str, value: object) -> Domain:
         if not isinstance(value, str):
             self.fail(path, f"{label}: expected \"system\" or \"cgroup:/PATH\", got "
-                      f"{_typename(value)}")
+                      f"{type_name(value)}")
         if value == SYSTEM:
             return Domain(value)
         if not value.startswith(CGROUP_PREFIX + "/"):
@@ -558,18 +563,18 @@ class _Checker:
                 self.fail(path, f"{label}: {value!r}: {problem}")
         return Domain(value)
 
-    def triggers(self, path: Path, label: str, value: object) -> tuple[Trigger, ...]:
+    def triggers(self, path: KeyPath, label: str, value: object) -> tuple[Trigger, ...]:
         if isinstance(value, str):
-            self.fail(path, f"{label}: expected a list of strings, got {_typename(value)}; "
+            self.fail(path, f"{label}: expected a list of strings, got {type_name(value)}; "
                       f"write [{value!r}]".replace("'", '"'))
         if not isinstance(value, list):
-            self.fail(path, f"{label}: expected a list of strings, got {_typename(value)}")
+            self.fail(path, f"{label}: expected a list of strings, got {type_name(value)}")
         if not value:
             self.fail(path, f"{label}: empty; name at least one of {', '.join(TRIGGERS)}")
         out: list[Trigger] = []
         for item in value:
             if not isinstance(item, str):
-                self.fail(path, f"{label}: expected strings, got {_typename(item)}")
+                self.fail(path, f"{label}: expected strings, got {type_name(item)}")
             if item not in TRIGGERS:
                 close = difflib.get_close_matches(item, TRIGGERS, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -580,16 +585,16 @@ class _Checker:
             out.append(item)
         return tuple(out)
 
-    def table(self, path: Path, label: str, value: object, keys: tuple[str, ...]
+    def table(self, path: KeyPath, label: str, value: object, keys: tuple[str, ...]
               ) -> Mapping[str, object]:
         if not isinstance(value, dict):
-            self.fail(path, f"{label}: expected a table, got {_typename(value)}")
+            self.fail(path, f"{label}: expected a table, got {type_name(value)}")
         for key in value:
             if key not in keys:
                 self.fail((*path, key), _unknown(key, keys, f"{label}."))
         return cast("Mapping[str, object]", value)
 
-    def unused(self, path: Path, label: str, raw: Mapping[str, object], key: str, *,
+    def unused(self, path: KeyPath, label: str, raw: Mapping[str, object], key: str, *,
                trigger: str, triggers: tuple[Trigger, ...]) -> bool:
         """Whether ``key`` is absent; an error if it is given without its trigger."""
         if key not in raw:
@@ -599,7 +604,7 @@ class _Checker:
                       "triggers")
         return False
 
-    def threshold(self, path: Path, label: str, raw: Mapping[str, object],
+    def threshold(self, path: KeyPath, label: str, raw: Mapping[str, object],
                   triggers: tuple[Trigger, ...]) -> Threshold | None:
         if self.unused(path, label, raw, "threshold", trigger="threshold",
                        triggers=triggers):
@@ -622,7 +627,7 @@ class _Checker:
                           "SIGTERM level")
         return Threshold(**values)
 
-    def pressure(self, path: Path, label: str, raw: Mapping[str, object],
+    def pressure(self, path: KeyPath, label: str, raw: Mapping[str, object],
                  triggers: tuple[Trigger, ...]) -> Pressure | None:
         if self.unused(path, label, raw, "pressure", trigger="pressure",
                        triggers=triggers):
@@ -649,7 +654,7 @@ class _Checker:
                           f"kernel takes only PSI windows of {step}, 4, 6, 8 or 10 s")
         return Pressure(some_avg10=some, full_avg10=full, window_s=window)
 
-    def margin(self, path: Path, label: str, raw: Mapping[str, object],
+    def margin(self, path: KeyPath, label: str, raw: Mapping[str, object],
                triggers: tuple[Trigger, ...]) -> float | None:
         if self.unused(path, label, raw, "margin_percent", trigger="margin",
                        triggers=triggers):
@@ -657,13 +662,13 @@ class _Checker:
         return self.number((*path, "margin_percent"), f"{label}.margin_percent",
                            raw["margin_percent"], MARGIN_PERCENT_RANGE)
 
-    def number(self, path: Path, label: str, value: object, bounds: tuple[float, float],
+    def number(self, path: KeyPath, label: str, value: object, bounds: tuple[float, float],
                integer: bool = False) -> float:
         lo, hi = bounds
         if isinstance(value, bool) or not isinstance(value, int | float) or (
                 integer and not isinstance(value, int)):
             kind = "a whole number" if integer else "a number"
-            self.fail(path, f"{label}: expected {kind}, got {_typename(value)}")
+            self.fail(path, f"{label}: expected {kind}, got {type_name(value)}")
         if not lo <= value <= hi:  # NaN too
             self.fail(path, f"{label}: {_num(value)} is outside {_num(lo)}..{_num(hi)}")
         return value if integer else float(value)
@@ -788,14 +793,6 @@ def summarize(config: Config) -> list[str]:
 
 # -- small helpers ------------------------------------------------------------------------
 
-def _one_line(message: str) -> str:
-    """Non-printable characters escaped (line breaks among them, ``\\x85``
-    and ``\\u2028`` too): an error is always one line."""
-    if message.isprintable():
-        return message
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
-
-
 def _show(text: str) -> str:
     """A path or name as one printable line."""
     return text if text.isprintable() else repr(text)[1:-1]
@@ -808,22 +805,6 @@ def _num(value: float) -> str:
             return str(int(value))
         return repr(value)
     return str(value)
-
-
-def _typename(value: object) -> str:
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int):
-        return f"an integer ({value})"
-    if isinstance(value, float):
-        return f"a float ({_num(value)})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
 
 
 def _unknown(key: str, known: tuple[str, ...], prefix: str = "") -> str:

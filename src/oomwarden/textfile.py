@@ -1,4 +1,5 @@
-"""Reading an operator's small text file (a config, a rules file) safely.
+"""An operator's small TOML file (a config, a rules file): read safely, and
+its errors told in one line with the line of the key at fault.
 
 Opened without blocking (a FIFO cannot hang the load), only a regular file,
 at most ``max_bytes`` (a typo pointing at a log or a device is not read
@@ -8,6 +9,7 @@ caller's own error class.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -94,3 +96,210 @@ def key_on_line(line: str) -> str:
     if eq and head.strip():
         return re.sub(r"\s*\.\s*", ".", head.strip())
     return ""
+
+
+def type_name(value: object) -> str:
+    """A parsed TOML value's type, with the value where short, for "expected
+    ..., got ..." errors."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+# -- where keys are: line numbers from the raw text ---------------------------------------
+
+
+KeyPath = tuple[str | int, ...]
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+class KeyLines:
+    """Line numbers of the tables and keys of a TOML text that ``tomllib`` has
+    accepted (``tomllib`` keeps none). Paths are tuples of key names with an
+    array-of-tables index after its name: ``("rule", 2, "match", "exe")`` is
+    ``match.exe`` of the third ``[[rule]]``, written as a dotted key, inside a
+    ``[rule.match]`` table or in an inline table."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.lines: dict[KeyPath, int] = {}
+        self.counts: dict[KeyPath, int] = {}
+        self.pos = 0
+        self.line_no = 1
+        # A best effort: what was found before a surprise still names lines.
+        with contextlib.suppress(IndexError, ValueError):
+            self._scan()
+
+    def line(self, path: KeyPath) -> int:
+        """The line of ``path``, else of its nearest ancestor found, else 1."""
+        for n in range(len(path), 0, -1):
+            found = self.lines.get(path[:n])
+            if found is not None:
+                return found
+        return 1
+
+    # the scanner: statements are headers or key = value; values are skipped
+    def _scan(self) -> None:
+        table: KeyPath = ()
+        while True:
+            self._skip_space()
+            if self.pos >= len(self.text):
+                return
+            if self.text[self.pos] == "[":
+                table = self._header()
+            else:
+                path = (*table, *self._assignment())
+                self._record(path)
+                self._value(path)
+
+    def _assignment(self) -> list[str]:
+        """``key =``: the key's parts, the position after the ``=``."""
+        parts = self._key()
+        self._skip_blank()
+        if self.text[self.pos] != "=":
+            raise ValueError("expected =")
+        self.pos += 1
+        return parts
+
+    def _record(self, path: KeyPath) -> None:
+        for n in range(1, len(path) + 1):
+            self.lines.setdefault(path[:n], self.line_no)
+
+    def _resolve(self, parts: list[str]) -> list[str | int]:
+        out: list[str | int] = []
+        for p in parts:
+            out.append(p)
+            count = self.counts.get(tuple(out))
+            if count:
+                out.append(count - 1)
+        return out
+
+    def _header(self) -> KeyPath:
+        array = self.text.startswith("[[", self.pos)
+        self.pos += 2 if array else 1
+        parts = self._key()
+        self._skip_blank()
+        self.pos += 2 if array else 1
+        if array:
+            key = (*self._resolve(parts[:-1]), parts[-1])
+            index = self.counts.get(key, 0)
+            self.counts[key] = index + 1
+            path: KeyPath = (*key, index)
+        else:
+            path = tuple(self._resolve(parts))
+        self._record(path)
+        return path
+
+    def _skip_blank(self) -> None:
+        while self.text[self.pos] in " \t":
+            self.pos += 1
+
+    def _skip_space(self) -> None:
+        """Whitespace, newlines and comments, up to the end of the text."""
+        text = self.text
+        while self.pos < len(text):
+            c = text[self.pos]
+            if c == "\n":
+                self.line_no += 1
+                self.pos += 1
+            elif c in " \t\r":
+                self.pos += 1
+            elif c == "#":
+                end = text.find("\n", self.pos)
+                self.pos = len(text) if end < 0 else end
+            else:
+                return
+
+    def _key(self) -> list[str]:
+        text = self.text
+        parts: list[str] = []
+        while True:
+            self._skip_blank()
+            c = text[self.pos]
+            if c in "\"'":
+                start = self.pos
+                self._string()
+                raw = text[start + 1: self.pos - 1]
+                parts.append(raw.encode().decode("unicode_escape") if c == '"' and "\\" in raw
+                             else raw)
+            else:
+                start = self.pos
+                while text[self.pos] in _BARE:
+                    self.pos += 1
+                if self.pos == start:
+                    raise ValueError("expected a key")
+                parts.append(text[start: self.pos])
+            self._skip_blank()
+            if text[self.pos] != ".":
+                return parts
+            self.pos += 1
+
+    def _string(self) -> None:
+        """Skip a string starting at pos (any of the four kinds)."""
+        text = self.text
+        for quote in ('"""', "'''"):
+            if text.startswith(quote, self.pos):
+                j = self.pos + 3
+                while not text.startswith(quote, j):
+                    if text[j] == "\\" and quote == '"""':
+                        j += 1
+                    if text[j] == "\n":
+                        self.line_no += 1
+                    j += 1
+                j += 3
+                extra = 0  # up to two quotes may close the content: """a""""
+                while extra < 2 and j < len(text) and text[j] == quote[0]:
+                    j += 1
+                    extra += 1
+                self.pos = j
+                return
+        quote = text[self.pos]
+        j = self.pos + 1
+        while text[j] != quote:
+            if text[j] == "\n":
+                raise ValueError("newline in a string")
+            j += 2 if text[j] == "\\" and quote == '"' else 1
+        self.pos = j + 1
+
+    def _value(self, path: KeyPath | None) -> None:
+        """Skip a value; keys of an inline table under ``path`` are recorded."""
+        text = self.text
+        self._skip_blank()
+        c = text[self.pos]
+        if c in "\"'":
+            self._string()
+        elif c in "[{":
+            self.pos += 1
+            close = "]" if c == "[" else "}"
+            while True:
+                self._skip_space()
+                c = text[self.pos]
+                if c == close:
+                    self.pos += 1
+                    return
+                if c == ",":
+                    self.pos += 1
+                elif close == "]":
+                    self._value(None)
+                else:
+                    parts = self._assignment()
+                    sub = None if path is None else (*path, *parts)
+                    if sub is not None:
+                        self._record(sub)
+                    self._value(sub)
+        else:
+            start = self.pos
+            while self.pos < len(text) and text[self.pos] not in ",]}#\n":
+                self.pos += 1
+            if self.pos == start:
+                raise ValueError("expected a value")

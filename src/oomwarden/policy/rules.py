@@ -34,7 +34,6 @@ the line and the key.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import fnmatch
 import functools
@@ -61,7 +60,7 @@ from oomwarden.policy.api import (
     VictimKind,
     select,
 )
-from oomwarden.textfile import read_text_file, toml_error_message
+from oomwarden.textfile import KeyLines, one_line, read_text_file, toml_error_message, type_name
 from oomwarden.units import fmt_bytes
 
 Action = Literal["protect", "prefer", "avoid", "points", "victim-first", "victim-last"]
@@ -534,7 +533,7 @@ class _Compiler:
     def fail(self, where: tuple[str | int, ...], context: str, message: str) -> PolicyError:
         prefix = f"{context}: " if context else ""
         return PolicyError(
-            _one_line(f"{self.source}:{self.lines.line(where)}: {prefix}{message}"))
+            one_line(f"{self.source}:{self.lines.line(where)}: {prefix}{message}"))
 
     def compile(self, data: Mapping[str, object]) -> RuleSet:
         for key in data:
@@ -552,7 +551,7 @@ class _Compiler:
                 raise self.fail(where, "", _unknown(f"policy.{key}", POLICY_KEYS, "policy."))
             if not isinstance(value, str):
                 raise self.fail(where, "", f"policy.{key}: expected a string, "
-                                           f"got {_typename(value)}")
+                                           f"got {type_name(value)}")
             if key == "base":
                 if value not in BASES:
                     raise self.fail(where, "", f"policy.base: unknown base {value!r} "
@@ -571,13 +570,13 @@ class _Compiler:
                                            "tables), not a single [rule] table")
         if not isinstance(raw_rules, list):
             raise self.fail(("rule",), "", f"rule: expected [[rule]] tables, got "
-                                           f"{_typename(raw_rules)}")
+                                           f"{type_name(raw_rules)}")
         rules: list[Rule] = []
         names: dict[str, int] = {}
         for i, raw in enumerate(raw_rules):
             if not isinstance(raw, dict):
                 raise self.fail(("rule", i), "", f"rule: expected [[rule]] tables, got "
-                                                 f"{_typename(raw)}")
+                                                 f"{type_name(raw)}")
             rule = self.rule(i, raw)
             if rule.name in names:
                 raise self.fail(("rule", i, "name"), _context(rule.name, i, raw),
@@ -592,7 +591,7 @@ class _Compiler:
         name = raw.get("name", f"rule {i + 1}")
         if not isinstance(name, str):
             raise self.fail((*here, "name"), f"rule {i + 1}",
-                            f"name: expected a string, got {_typename(name)}")
+                            f"name: expected a string, got {type_name(name)}")
         if not name.strip():
             raise self.fail((*here, "name"), f"rule {i + 1}", "name: empty")
         ctx = _context(name, i, raw)
@@ -605,7 +604,7 @@ class _Compiler:
                                        + ", ".join(f"match.{k}" for k in MATCH_KEYS))
         if not isinstance(match, dict):
             raise self.fail((*here, "match"), ctx, "match: expected match keys "
-                            f"(match.exe = ..., match.comm = ...), got {_typename(match)}")
+                            f"(match.exe = ..., match.comm = ...), got {type_name(match)}")
         for key in match:
             if key not in MATCH_KEYS:
                 raise self.fail((*here, "match", key), ctx,
@@ -618,7 +617,7 @@ class _Compiler:
             raise self.fail(here, ctx, "action: missing (one of " + ", ".join(ACTIONS) + ")")
         if not isinstance(action, str):
             raise self.fail((*here, "action"), ctx,
-                            f"action: expected a string, got {_typename(action)}")
+                            f"action: expected a string, got {type_name(action)}")
         if action not in ACTIONS:
             raise self.fail((*here, "action"), ctx, _unknown(action, ACTIONS, what="action"))
         act = action
@@ -672,7 +671,7 @@ class _Compiler:
         if key in ("comm", "exe", "cmdline"):
             if not isinstance(value, str):
                 raise self.fail(where, ctx, f"{label}: expected a regex string, "
-                                            f"got {_typename(value)}")
+                                            f"got {type_name(value)}")
             if not value:
                 raise self.fail(where, ctx, f"{label}: empty regex (it would match anything)")
             try:
@@ -694,7 +693,7 @@ class _Compiler:
             for u in items:
                 if isinstance(u, bool) or not isinstance(u, int):
                     raise self.fail(where, ctx, f"{label}: expected a uid (an integer) or a list "
-                                                f"of them, got {_typename(u)}")
+                                                f"of them, got {type_name(u)}")
                 if not 0 <= u < 2**32:
                     raise self.fail(where, ctx, f"{label}: {u} is not a uid (0 to 2^32-1)")
             return {"uid": frozenset(cast(list[int], items))}
@@ -716,14 +715,14 @@ class _Compiler:
         for s in items:
             if not isinstance(s, str):
                 raise self.fail(where, ctx, f"{label}: expected {what} (a string) or a list of "
-                                            f"them, got {_typename(s)}")
+                                            f"them, got {type_name(s)}")
             if not s:
                 raise self.fail(where, ctx, f"{label}: empty string")
         return cast(list[str], items)
 
     def points(self, value: object, where: tuple[str | int, ...], ctx: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, ctx, f"points: expected an integer, got {_typename(value)}")
+            raise self.fail(where, ctx, f"points: expected an integer, got {type_name(value)}")
         if not -LIMIT <= value <= LIMIT:
             raise self.fail(where, ctx, f"points: {value} is out of range (-2^61 to 2^61)")
         return value
@@ -731,7 +730,7 @@ class _Compiler:
     def amount(self, value: object, where: tuple[str | int, ...], ctx: str) -> Amount:
         if isinstance(value, bool) or not isinstance(value, int | str):
             raise self.fail(where, ctx, "add: expected pages (an integer) or a size like "
-                                        f"\"512MiB\" or \"10%\", got {_typename(value)}")
+                                        f"\"512MiB\" or \"10%\", got {type_name(value)}")
         if isinstance(value, int):
             if not 0 < value <= LIMIT:
                 raise self.fail(where, ctx, f"add: {value} pages: expected a positive number of "
@@ -757,7 +756,7 @@ class _Compiler:
     def factor(self, value: object, action: str, where: tuple[str | int, ...],
                ctx: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(where, ctx, f"multiply: expected a number, got {_typename(value)}")
+            raise self.fail(where, ctx, f"multiply: expected a number, got {type_name(value)}")
         m = float(value)
         if not math.isfinite(m):
             raise self.fail(where, ctx, f"multiply: {value} is not a finite number")
@@ -791,30 +790,6 @@ def _context(name: object, i: int, raw: Mapping[str, object]) -> str:
     return f'rule "{name}"' if "name" in raw else f"rule {i + 1}"
 
 
-def _one_line(message: str) -> str:
-    """Control characters (a newline in a rule's name) escaped: one line."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _typename(value: object) -> str:
-    if isinstance(value, bool):
-        return f"a boolean ({str(value).lower()})"
-    if isinstance(value, int):
-        return f"an integer ({value})"
-    if isinstance(value, float):
-        return f"a float ({value})"
-    if isinstance(value, str):
-        return f"a string ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    return type(value).__name__
-
-
 def _unknown(key: str, known: tuple[str, ...], prefix: str = "", what: str = "key") -> str:
     options = [prefix + k for k in known]
     close = difflib.get_close_matches(key, options, n=1)
@@ -822,210 +797,3 @@ def _unknown(key: str, known: tuple[str, ...], prefix: str = "", what: str = "ke
     if what == "action":
         return f"action: unknown action {key!r} (expected {', '.join(known)}){hint}"
     return f"{key}: unknown key (expected {', '.join(options)}){hint}"
-
-
-# -- where keys are: line numbers from the raw text ---------------------------------------
-
-
-Path = tuple[str | int, ...]
-_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-
-
-class KeyLines:
-    """Line numbers of the tables and keys of a TOML text that ``tomllib`` has
-    accepted (``tomllib`` keeps none). Paths are tuples of key names with an
-    array-of-tables index after its name: ``("rule", 2, "match", "exe")`` is
-    ``match.exe`` of the third ``[[rule]]``, written as a dotted key, inside a
-    ``[rule.match]`` table or in an inline table."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.lines: dict[Path, int] = {}
-        self.counts: dict[Path, int] = {}
-        self.pos = 0
-        self.line_no = 1
-        # A best effort: what was found before a surprise still names lines.
-        with contextlib.suppress(IndexError, ValueError):
-            self._scan()
-
-    def line(self, path: Path) -> int:
-        """The line of ``path``, else of its nearest ancestor found, else 1."""
-        for n in range(len(path), 0, -1):
-            found = self.lines.get(path[:n])
-            if found is not None:
-                return found
-        return 1
-
-    # the scanner: statements are headers or key = value; values are skipped
-    def _scan(self) -> None:
-        text = self.text
-        table: Path = ()
-        while self.pos < len(text):
-            c = text[self.pos]
-            if c == "\n":
-                self.line_no += 1
-                self.pos += 1
-            elif c in " \t\r":
-                self.pos += 1
-            elif c == "#":
-                self._skip_comment()
-            elif c == "[":
-                table = self._header()
-            else:
-                parts = self._key()
-                self._skip_blank()
-                if text[self.pos] != "=":
-                    raise ValueError("expected =")
-                self.pos += 1
-                path = (*table, *parts)
-                self._record(path)
-                self._value(path)
-
-    def _record(self, path: Path) -> None:
-        for n in range(1, len(path) + 1):
-            self.lines.setdefault(path[:n], self.line_no)
-
-    def _resolve(self, parts: list[str]) -> list[str | int]:
-        out: list[str | int] = []
-        for p in parts:
-            out.append(p)
-            count = self.counts.get(tuple(out))
-            if count:
-                out.append(count - 1)
-        return out
-
-    def _header(self) -> Path:
-        text = self.text
-        array = text.startswith("[[", self.pos)
-        self.pos += 2 if array else 1
-        parts = self._key()
-        self._skip_blank()
-        self.pos += 2 if array else 1
-        if array:
-            key = (*self._resolve(parts[:-1]), parts[-1])
-            index = self.counts.get(key, 0)
-            self.counts[key] = index + 1
-            path: Path = (*key, index)
-        else:
-            path = tuple(self._resolve(parts))
-        self._record(path)
-        return path
-
-    def _skip_blank(self) -> None:
-        while self.text[self.pos] in " \t":
-            self.pos += 1
-
-    def _skip_comment(self) -> None:
-        end = self.text.find("\n", self.pos)
-        self.pos = len(self.text) if end < 0 else end
-
-    def _skip_space(self) -> None:
-        """Whitespace, newlines and comments (inside arrays)."""
-        text = self.text
-        while True:
-            c = text[self.pos]
-            if c == "\n":
-                self.line_no += 1
-                self.pos += 1
-            elif c in " \t\r":
-                self.pos += 1
-            elif c == "#":
-                self._skip_comment()
-            else:
-                return
-
-    def _key(self) -> list[str]:
-        text = self.text
-        parts: list[str] = []
-        while True:
-            self._skip_blank()
-            c = text[self.pos]
-            if c in "\"'":
-                start = self.pos
-                self._string()
-                raw = text[start + 1: self.pos - 1]
-                parts.append(raw.encode().decode("unicode_escape") if c == '"' and "\\" in raw
-                             else raw)
-            else:
-                start = self.pos
-                while text[self.pos] in _BARE:
-                    self.pos += 1
-                if self.pos == start:
-                    raise ValueError("expected a key")
-                parts.append(text[start: self.pos])
-            self._skip_blank()
-            if text[self.pos] != ".":
-                return parts
-            self.pos += 1
-
-    def _string(self) -> None:
-        """Skip a string starting at pos (any of the four kinds)."""
-        text = self.text
-        for quote in ('"""', "'''"):
-            if text.startswith(quote, self.pos):
-                j = self.pos + 3
-                while not text.startswith(quote, j):
-                    if text[j] == "\\" and quote == '"""':
-                        j += 1
-                    if text[j] == "\n":
-                        self.line_no += 1
-                    j += 1
-                j += 3
-                extra = 0  # up to two quotes may close the content: """a""""
-                while extra < 2 and j < len(text) and text[j] == quote[0]:
-                    j += 1
-                    extra += 1
-                self.pos = j
-                return
-        quote = text[self.pos]
-        j = self.pos + 1
-        while text[j] != quote:
-            if text[j] == "\n":
-                raise ValueError("newline in a string")
-            j += 2 if text[j] == "\\" and quote == '"' else 1
-        self.pos = j + 1
-
-    def _value(self, path: Path | None) -> None:
-        text = self.text
-        self._skip_blank()
-        c = text[self.pos]
-        if c in "\"'":
-            self._string()
-        elif c == "[":
-            self.pos += 1
-            while True:
-                self._skip_space()
-                c = text[self.pos]
-                if c == "]":
-                    self.pos += 1
-                    return
-                if c == ",":
-                    self.pos += 1
-                    continue
-                self._value(None)
-        elif c == "{":
-            self.pos += 1
-            while True:
-                self._skip_space()
-                c = text[self.pos]
-                if c == "}":
-                    self.pos += 1
-                    return
-                if c == ",":
-                    self.pos += 1
-                    continue
-                parts = self._key()
-                self._skip_blank()
-                if text[self.pos] != "=":
-                    raise ValueError("expected =")
-                self.pos += 1
-                sub = None if path is None else (*path, *parts)
-                if sub is not None:
-                    self._record(sub)
-                self._value(sub)
-        else:
-            start = self.pos
-            while self.pos < len(text) and text[self.pos] not in ",]}#\n":
-                self.pos += 1
-            if self.pos == start:
-                raise ValueError("expected a value")
