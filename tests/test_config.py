@@ -676,7 +676,7 @@ def test_summary_names_every_watch_setting(fx: Path) -> None:
                    "margin (usage within 2.5% of the limit)",
                    "rules file " + str(fx / "policies" / "protect.toml"),
                    "victim: tree (the policy's)", "always-default (Python policy",
-                   "victim: cgroup; cooldown: 5 s (not applied: threshold only, so far); "
+                   "victim: cgroup; cooldown: 5 s; "
                    "dry run: no", "kill: SIGKILL at once"):
         assert needle in text, needle
 

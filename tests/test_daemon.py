@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need
 from kernelenv import ChildMemcg, Hog, MemcgFactory
 
 pytestmark = pytest.mark.kernel
@@ -126,7 +127,7 @@ def test_the_warden_kills_instead_of_the_kernel(cg: ChildMemcg, tmp_path: Path) 
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg))
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         assert oom_control(cg)["oom_kill_disable"] == 1
         grower = cg.start_grower(GROWER_MIB)
         dead = wait_dead([big, favoured, grower])
@@ -146,7 +147,7 @@ def test_dry_run_leaves_the_kernel_in_charge(cg: ChildMemcg, tmp_path: Path) -> 
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg), "--dry-run")
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         assert oom_control(cg)["oom_kill_disable"] == 0
         grower = cg.start_grower(GROWER_MIB)
         dead = wait_dead([big, favoured, grower])
@@ -173,7 +174,7 @@ def test_a_policy_that_raises_still_ends_the_oom(cg: ChildMemcg, tmp_path: Path)
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg, str(policy)))
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         grower = cg.start_grower(GROWER_MIB)
         assert wait_dead([big, favoured, grower]) == [favoured]
         warden.wait_for("killed pid")
@@ -193,7 +194,7 @@ def test_sigkill_the_warden_mid_oom_the_kernel_takes_over(
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg, str(policy), extra="budget_ms = 60000"))
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         grower = cg.start_grower(GROWER_MIB)
         deadline = time.monotonic() + 20
         while oom_control(cg)["under_oom"] != 1 and time.monotonic() < deadline:
@@ -237,13 +238,13 @@ swap_free_percent = 100
         assert warden.stop() == 0
 
 
-def test_unsupported_triggers_are_refused_at_start(tmp_path: Path) -> None:
+def test_unsupported_triggers_are_refused_at_start(cg: ChildMemcg, tmp_path: Path) -> None:
     path = tmp_path / "oomwarden.toml"
     path.write_text(f"""
 decision_log = "{tmp_path / 'decisions.jsonl'}"
 [[watch]]
-domain = "system"
-triggers = ["pressure"]
+domain = "cgroup:{cg.hierarchy_path}"
+triggers = ["events"]
 policy = "kernel"
 """)
     path.chmod(0o644)
@@ -251,8 +252,33 @@ policy = "kernel"
                            "--dry-run"], capture_output=True, text=True, timeout=60,
                           check=False)
     assert done.returncode == 2
-    assert "not implemented by this daemon yet" in done.stderr.splitlines()[-1]
-    assert os.path.exists(path)
+    last = done.stderr.splitlines()[-1]
+    assert "'events' trigger on a cgroup domain is not implemented" in last
+    assert "cgroup v1 has no memory.events" in last
+
+
+def test_system_pressure_sets_up_a_psi_trigger_and_stops_cleanly(tmp_path: Path) -> None:
+    """A dry run on the system domain (the only way a test may watch it):
+    the PSI trigger on /proc/pressure/memory is accepted by the kernel (a
+    2 s window: CAP_SYS_RESOURCE is missing here), and SIGTERM ends it."""
+    need(os.path.exists("/proc/pressure/memory"), "no PSI (/proc/pressure/memory)")
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f"""
+decision_log = "{tmp_path / 'decisions.jsonl'}"
+[[watch]]
+domain = "system"
+triggers = ["pressure", "threshold"]
+policy = "kernel"
+[watch.pressure]
+full_avg10 = 50
+window_s = 2
+""")
+    path.chmod(0o644)
+    warden = Warden(path, "--dry-run")
+    try:
+        warden.wait_for("the system (threshold, pressure)")
+    finally:
+        assert warden.stop() == 0
 
 
 def test_sighup_with_a_bad_config_keeps_the_old_one(cg: ChildMemcg, tmp_path: Path) -> None:
@@ -260,7 +286,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(cg: ChildMemcg, tmp_path: Pa
     path = config(tmp_path, cg)
     warden = Warden(path)
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         good = path.read_text()
         path.write_text(good + "\n[[watch]]\ndomain = 42\n")
         warden.proc.send_signal(signal.SIGHUP)
@@ -272,7 +298,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(cg: ChildMemcg, tmp_path: Pa
         assert oom_control(cg)["oom_kill"] == 0
         path.write_text(good.replace('policy = "kernel"', 'policy = "largest"'))
         warden.proc.send_signal(signal.SIGHUP)
-        warden.wait_for("reloaded: watching 1 memory cgroups")
+        warden.wait_for("reloaded: watching 1 memory cgroup")
         assert oom_control(cg)["oom_kill_disable"] == 1
     finally:
         assert warden.stop() == 0
@@ -288,7 +314,7 @@ def test_sighup_naming_a_vanished_cgroup_keeps_the_running_watch(
     path = config(tmp_path, cg)
     warden = Warden(path)
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         good = path.read_text()
         path.write_text(good.replace(cg.hierarchy_path, cg.hierarchy_path + "/gone"))
         warden.proc.send_signal(signal.SIGHUP)
@@ -333,7 +359,7 @@ def test_actions_that_do_not_end_the_oom_hand_it_to_the_kernel(
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg, str(policy)))
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         grower = cg.start_grower(GROWER_MIB)
         warden.wait_for("the actions did not end the OOM")
         dead = wait_dead([big, favoured, grower], timeout=10)
@@ -347,7 +373,7 @@ def test_a_child_made_while_paused_is_restored_too(cg: ChildMemcg, tmp_path: Pat
     warden = Warden(config(tmp_path, cg))
     child = cg.path / "made-while-paused"
     try:
-        warden.wait_for("watching 1 memory cgroups")
+        warden.wait_for("watching 1 memory cgroup")
         child.mkdir()
         assert "oom_kill_disable 1" in (child / "memory.oom_control").read_text()
     finally:
@@ -409,7 +435,7 @@ def test_the_priority_policy_kills_the_batch_job_not_the_largest(
         (web / "cgroup.procs").write_text(str(large.pid))
         warden = Warden(config(tmp_path, cg, "priority"))
         try:
-            warden.wait_for("watching 1 memory cgroups")
+            warden.wait_for("watching 1 memory cgroup")
             grower = cg.start_grower(120)
             dead = wait_dead([small, large, grower])
             assert dead == [small] and small.proc.returncode == -9

@@ -88,6 +88,26 @@ def test_kill_a_process_and_free_its_memory(memcg_factory: MemcgFactory) -> None
     assert usage(cg) < before - 150 * MiB
 
 
+def test_a_kill_reports_its_stages_and_the_memory_it_freed(
+        memcg_factory: MemcgFactory) -> None:
+    """The decision log's per-stage timestamps: signal <= memory released <=
+    exit, the victims' identity, and their resident memory at kill time."""
+    cg = memcg_factory.create(limit_bytes=512 * MiB)
+    hog = cg.start_hog(100)
+    ticks = start_ticks(hog.pid)
+    before_ns = time.time_ns()
+    r = Executor().execute(KillProcess(hog.pid, ticks, "test"))
+    assert r.ok and r.exited is True, r
+    assert r.signal_ns is not None and r.released_ns is not None and r.exit_ns is not None
+    assert before_ns <= r.signal_ns <= r.released_ns <= r.exit_ns <= time.time_ns()
+    assert r.victims == ((hog.pid, ticks),)
+    assert r.freed_bytes is not None and 95 * MiB <= r.freed_bytes <= 150 * MiB, r
+    other = cg.start_hog(10)
+    dry = Executor(dry_run=True).execute(KillProcess(other.pid, start_ticks(other.pid)))
+    assert dry.ok and dry.signal_ns is None and dry.exit_ns is None and dry.exited is None
+    assert other.proc.poll() is None
+
+
 def test_a_recycled_identity_is_refused(memcg_factory: MemcgFactory) -> None:
     hog = memcg_factory.create(limit_bytes=256 * MiB).start_hog(10)
     r = Executor().execute(KillProcess(hog.pid, start_ticks(hog.pid) + 1, "stale"))

@@ -782,9 +782,7 @@ def summarize(config: Config) -> list[str]:
             f"{w.name}{at}: domain {w.domain.spec}{glob}",
             f"  triggers: {describe_triggers(w)}",
             f"  policy: {describe_policy(w)}",
-            f"  victim: {victim}; cooldown: {_num(w.cooldown_s)} s"
-            # The daemon applies it to the threshold trigger only, so far.
-            f"{'' if 'threshold' in w.triggers else ' (not applied: threshold only, so far)'}; "
+            f"  victim: {victim}; cooldown: {_num(w.cooldown_s)} s; "
             f"dry run: {'yes' if w.dry_run else 'no'}",
             f"  kill: {kill}",
         ]

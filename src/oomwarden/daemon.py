@@ -1,11 +1,24 @@
-"""The daemon: memory-cgroup OOM events -> snapshot -> engine -> executor -> log.
+"""The daemon: triggers -> snapshot -> engine -> executor -> decision log.
 
-This first daemon handles the ``oom`` trigger of cgroup v1 memory cgroups:
-user-space OOM handling as the kernel offers it. For each watched cgroup it
-pauses the kernel's killer (``memory.oom_control`` oom_kill_disable=1) and
-asks for an eventfd on ``memory.oom_control`` through ``cgroup.event_control``.
-When the cgroup reaches its limit, the kernel stops its tasks and wakes the
-warden, which decides (bounded by the budget) and kills.
+Triggers (``oomwarden.triggers`` holds the pre-OOM sources):
+
+* ``oom`` on a cgroup v1 memory cgroup: user-space OOM handling as the kernel
+  offers it. The warden pauses the kernel's killer (``memory.oom_control``
+  oom_kill_disable=1) and asks for an eventfd on ``memory.oom_control``
+  through ``cgroup.event_control``. When the cgroup reaches its limit, the
+  kernel stops its tasks and wakes the warden, which decides (bounded by the
+  budget) and kills.
+* ``pressure``: PSI triggers (``/proc/pressure/memory``, or the cgroup2 twin's
+  ``memory.pressure`` of a v1 memory cgroup), else v1's ``memory.pressure_level``
+  at ``critical``.
+* ``margin``: a v1 memory cgroup's working set near its limit.
+* ``threshold``: earlyoom's MemAvailable / SwapFree levels on the system.
+* ``oom`` on the system: its pre-OOM signals, ``pressure`` and ``threshold``.
+
+A kill starts the domain's cooldown: no other kill there until the victims'
+memory is gone (they exited, or ``process_mrelease`` freed it) or
+``cooldown_s`` passes. PSI figures lag by their window, so a ``pressure``
+firing within one window of a kill is ignored as well.
 
 The kernel's own killer stays the safety net, always:
 
@@ -18,9 +31,11 @@ The kernel's own killer stays the safety net, always:
 * in dry-run mode the kernel's killer is never paused: the warden listens to
   the same events, logs what it would have done, and signals nothing.
 
-One event loop (``selectors``), no polling: eventfds, and a self-pipe for
-SIGTERM / SIGINT / SIGHUP. Every decision is one JSON line in the decision log
-and every kill one human line on stderr.
+One event loop (``epoll``: PSI triggers report POLLPRI), no busy polling:
+eventfds, PSI fds, and a self-pipe for SIGTERM / SIGINT / SIGHUP; only the
+threshold and a margin above its usage threshold read on an interval. Every
+decision is one JSON line in the decision log and every kill one human line
+on stderr.
 """
 
 from __future__ import annotations
@@ -30,7 +45,6 @@ import ctypes
 import json
 import os
 import select
-import selectors
 import signal
 import socket
 import subprocess
@@ -42,7 +56,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from oomwarden.actions.executor import Executor, Result
-from oomwarden.config import Config, Threshold
+from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.decision import Decision
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import ConfigError, OomwardenError
@@ -52,9 +66,19 @@ from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
-from oomwarden.sources.parse import parse_proc_cgroup
+from oomwarden.sources.cgroupfs import find_hierarchies
+from oomwarden.sources.fsmagic import is_cgroup_fs
+from oomwarden.sources.parse import parse_proc_cgroup, parse_stat
 from oomwarden.sources.procfs import ReadOptions, read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.triggers import (
+    MarginSource,
+    PressureLevelSource,
+    PsiSource,
+    Source,
+    TriggerError,
+    TriggerGone,
+)
 
 #: How often a cgroup handed to the kernel is checked for the end of its OOM.
 HANDBACK_POLL_S = 0.1
@@ -87,6 +111,14 @@ class DaemonError(OomwardenError):
     """The daemon cannot start (a watch that cannot be set up)."""
 
 
+#: PSI on the whole system.
+SYSTEM_PSI = "/proc/pressure/memory"
+#: An ``oom`` event met by a cooldown (the last victims' memory not gone
+#: yet) is checked again this often, for at most EVENT_BUDGET_S: the cgroup's
+#: tasks are paused meanwhile.
+RECHECK_S = 0.02
+
+
 @dataclass
 class WatchSpec:
     """One watched memory cgroup, as the configuration gives it."""
@@ -96,25 +128,81 @@ class WatchSpec:
     sigterm_grace_s: float = 0.0
     cooldown_s: float = 5.0
     dry_run: bool = False
+    triggers: tuple[str, ...] = ("oom",)
+    pressure: Pressure | None = None
+    margin_percent: float | None = None
 
 
 @dataclass
-class ThresholdSpec:
-    """The system domain watched by MemAvailable / SwapFree levels (earlyoom)."""
+class SystemSpec:
+    """The system domain: earlyoom's MemAvailable / SwapFree levels
+    (``threshold``) and system-wide PSI (``pressure``)."""
 
     policy: Policy
-    threshold: Threshold
+    threshold: Threshold | None
     sigterm_grace_s: float = 0.0
     cooldown_s: float = 5.0
     dry_run: bool = False
+    pressure: Pressure | None = None
 
 
 @dataclass
-class _Threshold:
-    spec: ThresholdSpec
+class _Cooldown:
+    """After a kill in a domain: no other kill there until the victims'
+    memory is gone or ``seconds`` pass; a lagging trigger (PSI) also waits
+    out ``lag_until``."""
+
+    seconds: float
+    until: float = 0.0
+    lag_until: float = 0.0
+    victims: tuple[tuple[int, int], ...] = ()
+    memory_gone: bool = True
+    dry: bool = False
+
+    def start(self, results: list[Result], lag_s: float) -> None:
+        kills = [r for r in results if r.ok and r.killed]
+        if not kills:
+            return
+        now = time.monotonic()
+        self.until = now + self.seconds
+        self.lag_until = now + min(lag_s, self.seconds)
+        self.victims = tuple(v for r in kills for v in r.victims)
+        self.memory_gone = all(r.exited or r.released_ns is not None for r in kills)
+        self.dry = False
+
+    def start_dry(self) -> None:
+        """A dry run's decision: nothing exits, so the whole cooldown holds
+        (the log does not repeat the same decision at every firing)."""
+        now = time.monotonic()
+        self.until = self.lag_until = now + self.seconds
+        self.dry = True
+
+    def holds(self, lagging: bool) -> bool:
+        now = time.monotonic()
+        if now >= self.until:
+            return False
+        if (lagging or self.dry) and now < self.lag_until:
+            return True
+        if not self.memory_gone and all(_gone(pid, start) for pid, start in self.victims):
+            self.memory_gone = True
+        return not self.memory_gone
+
+
+@dataclass
+class _System:
+    spec: SystemSpec
+    cooldown: _Cooldown
+    sources: list[Source] = field(default_factory=list)
     next_check: float = 0.0
-    last_action: float = -1e9
     decisions: int = 0
+
+    @property
+    def name(self) -> str:
+        return "system"
+
+    @property
+    def dry(self) -> bool:
+        return self.spec.dry_run
 
 
 @dataclass
@@ -123,12 +211,26 @@ class _Watch:
     path: str  # inside the hierarchy
     fs_path: str
     inode: int
-    event_fd: int
-    control_fd: int
+    cooldown: _Cooldown
+    #: The ``oom`` trigger's eventfd and memory.oom_control fd (-1: no ``oom``).
+    event_fd: int = -1
+    control_fd: int = -1
+    sources: list[Source] = field(default_factory=list)
     paused: bool = False  # we set oom_kill_disable=1
     handed_over: bool = False
-    last_kill: float = 0.0
     decisions: int = 0
+    #: An ``oom`` event deferred by the cooldown: when to look again, and
+    #: until when at most.
+    recheck_at: float | None = None
+    recheck_until: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"cgroup:{self.path}"
+
+    @property
+    def dry(self) -> bool:
+        return self.spec.dry_run
 
     @property
     def oom_control(self) -> str:
@@ -141,12 +243,12 @@ class Warden:
 
     specs: list[WatchSpec]
     decision_log: str
-    thresholds: list[ThresholdSpec] = field(default_factory=list)
+    systems: list[SystemSpec] = field(default_factory=list)
     budget_s: float = DEFAULT_BUDGET_S
     dry_run: bool = False
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     watches: list[_Watch] = field(default_factory=list)
-    _thresholds: list[_Threshold] = field(default_factory=list)
+    _systems: list[_System] = field(default_factory=list)
     _watchdog: subprocess.Popen[bytes] | None = None
     _stop: bool = False
     _log: TextIO | None = None
@@ -162,6 +264,10 @@ class Warden:
     _warned: set[str] = field(default_factory=set)
     _next_ping: float = 0.0
     _exit_code: int = 0
+    _epoll: select.epoll | None = None
+    #: fd -> what it stands for: None (the signal pipe), a watch (its ``oom``
+    #: eventfd), or (owner, source).
+    _fds: dict[int, Any] = field(default_factory=dict)
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -178,8 +284,10 @@ class Warden:
             snapshot = build_snapshot(SourceConfig())
             for spec in self.specs:
                 self.watches.append(self._watch(spec, snapshot))
-            self._thresholds = [_Threshold(t) for t in self.thresholds]
-            to_pause = [w for w in self.watches if not (self.dry_run or w.spec.dry_run)]
+            for sys_spec in self.systems:
+                self._systems.append(self._system(sys_spec))
+            to_pause = [w for w in self.watches
+                        if w.event_fd >= 0 and not (self.dry_run or w.spec.dry_run)]
             if to_pause:
                 # The watchdog is armed *before* the first cgroup is paused:
                 # from the first write on, a dead warden is covered.
@@ -226,7 +334,7 @@ class Warden:
             self._warn_once("adj", f"cannot set its oom_score_adj to -1000 ({e.strerror}; "
                             "CAP_SYS_RESOURCE is missing): the kernel may kill the warden")
         snapshot = build_snapshot(SourceConfig())
-        policies = [s.policy for s in self.specs] + [t.policy for t in self.thresholds]
+        policies = [s.policy for s in self.specs] + [t.policy for t in self.systems]
         for policy in {id(p): p for p in policies}.values():
             # bounded: a slow policy must not hold up the start
             decide(snapshot, system_domain(snapshot), policy, guard=signal_guard,
@@ -256,7 +364,7 @@ class Warden:
             self._notify("WATCHDOG=1")
             self._next_ping = now + int(usec) / 2e6
 
-    def _reload(self, selector: selectors.BaseSelector) -> None:
+    def _reload(self) -> None:
         """SIGHUP: the config anew. A bad config keeps the old one running."""
         if self.reload is None:
             self._say("SIGHUP: no config file to reload")
@@ -271,11 +379,9 @@ class Warden:
         except OomwardenError as e:
             self._say(f"reload failed, keeping the running config: {e}")
             return
-        for w in self.watches:
-            with contextlib.suppress(KeyError, ValueError):
-                selector.unregister(w.event_fd)
+        self._unregister_all()
         self.stop()
-        self.specs, self.thresholds = fresh.specs, fresh.thresholds
+        self.specs, self.systems = fresh.specs, fresh.systems
         self.decision_log, self.budget_s = fresh.decision_log, fresh.budget_s
         try:
             self.start()
@@ -284,10 +390,8 @@ class Warden:
             self._stop = True
             self._exit_code = EXIT_FAILED
             return
-        for w in self.watches:
-            selector.register(w.event_fd, selectors.EVENT_READ, w)
-        self._say(f"reloaded: watching {len(self.watches)} memory cgroups and "
-                  f"{len(self._thresholds)} memory thresholds")
+        self._register_all()
+        self._say(f"reloaded: {self._summary()}")
 
     @staticmethod
     def _check_watch(spec: WatchSpec, snapshot: Any) -> Cgroup:
@@ -295,34 +399,140 @@ class Warden:
         reload before the running watches are given up."""
         cg = resolve_cgroup(snapshot, spec.cgroup)
         if cg.kind is not HierarchyKind.V1 or not cg.memory_controller:
-            raise DaemonError(f"{spec.cgroup}: the oom trigger needs a cgroup v1 memory "
-                              f"cgroup (found {cg.name})")
+            raise DaemonError(f"{spec.cgroup}: the daemon watches cgroup v1 memory cgroups "
+                              f"so far (found {cg.name})")
         if not cg.verified:
             raise DaemonError(f"{cg.fs_path} is not on a cgroup filesystem: its limit "
                               "limits nothing")
         if cg.path == "/":
             raise DaemonError("the root memory cgroup has no limit of its own")
         own = _own_memcg()
-        if own is not None and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/")):
+        if ("oom" in spec.triggers and own is not None
+                and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/"))):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
                               "cgroup's limit it would be paused with the others")
         return cg
 
     def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
         cg = self._check_watch(spec, snapshot)
-        control = os.path.join(cg.fs_path, "memory.oom_control")
-        control_fd = os.open(control, os.O_RDONLY | os.O_CLOEXEC)
-        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        w = _Watch(spec, cg.path, cg.fs_path, cg.inode, _Cooldown(spec.cooldown_s))
         try:
-            with open(os.path.join(cg.fs_path, "cgroup.event_control"), "w") as f:
+            if "oom" in spec.triggers:
+                self._watch_oom(w)
+            if "pressure" in spec.triggers:
+                w.sources.extend(self._cgroup_pressure(w, spec.pressure or Pressure()))
+            if "margin" in spec.triggers:
+                w.sources.append(MarginSource.open(cg.fs_path, cg.inode,
+                                                   spec.margin_percent or 5.0))
+        except (TriggerError, DaemonError) as e:
+            _close_watch(w)
+            raise DaemonError(f"{spec.cgroup}: {e}") from None
+        except BaseException:
+            _close_watch(w)
+            raise
+        return w
+
+    @staticmethod
+    def _watch_oom(w: _Watch) -> None:
+        control_fd = os.open(w.oom_control, os.O_RDONLY | os.O_CLOEXEC)
+        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        w.event_fd, w.control_fd = event_fd, control_fd
+        try:
+            with open(os.path.join(w.fs_path, "cgroup.event_control"), "w") as f:
                 f.write(f"{event_fd} {control_fd}")
-            return _Watch(spec, cg.path, cg.fs_path, cg.inode, event_fd, control_fd)
         except OSError as e:
-            os.close(event_fd)
-            os.close(control_fd)
-            raise DaemonError(f"{spec.cgroup}: cannot set up OOM events: {e.strerror}") from None
+            raise DaemonError(f"cannot set up OOM events: {e.strerror}") from None
+
+    def _cgroup_pressure(self, w: _Watch, pressure: Pressure) -> list[Source]:
+        """PSI from the cgroup2 twin where there is one, else vmpressure."""
+        twin = _cgroup2_twin(w.path)
+        if twin is not None:
+            out: list[Source] = []
+            try:
+                for line in pressure.trigger_lines():
+                    out.append(PsiSource.open(os.path.join(twin, "memory.pressure"), line))
+            except BaseException:
+                for src in out:
+                    src.close()
+                raise
+            return out
+        self._say(f"{w.name}: no cgroup2 twin with PSI (a v1 memory cgroup has none of its "
+                  "own): 'pressure' uses memory.pressure_level at 'critical' (reclaim "
+                  "failing) instead of the PSI levels")
+        return [PressureLevelSource.open(w.fs_path, w.inode)]
+
+    def _system(self, spec: SystemSpec) -> _System:
+        owner = _System(spec, _Cooldown(spec.cooldown_s))
+        if spec.pressure is not None:
+            try:
+                for line in spec.pressure.trigger_lines():
+                    owner.sources.append(PsiSource.open(SYSTEM_PSI, line))
+            except TriggerError as e:
+                for src in owner.sources:
+                    src.close()
+                raise DaemonError(f"system: {e}") from None
+        return owner
 
     # -- the loop -------------------------------------------------------------------------
+
+    def _summary(self) -> str:
+        n_cg = len(self.watches)
+        kinds = sorted({t for w in self.watches for t in w.spec.triggers})
+        parts = [f"watching {n_cg} memory cgroup{'s' if n_cg != 1 else ''}"
+                 + (f" ({', '.join(kinds)})" if kinds else "")]
+        for sysw in self._systems:
+            what = [x for x, on in (("threshold", sysw.spec.threshold is not None),
+                                    ("pressure", sysw.spec.pressure is not None)) if on]
+            parts.append(f"the system ({', '.join(what)})")
+        return " and ".join(parts)
+
+    def _register(self, fd: int, mask: int, data: Any) -> None:
+        assert self._epoll is not None
+        self._epoll.register(fd, mask)
+        self._fds[fd] = data
+
+    def _register_all(self) -> None:
+        for w in self.watches:
+            if w.event_fd >= 0:
+                self._register(w.event_fd, select.EPOLLIN, w)
+            for src in w.sources:
+                self._register(src.fd, src.mask, (w, src))
+        for sysw in self._systems:
+            for src in sysw.sources:
+                self._register(src.fd, src.mask, (sysw, src))
+
+    def _unregister_all(self) -> None:
+        assert self._epoll is not None
+        for fd, data in list(self._fds.items()):
+            if data is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+                del self._fds[fd]
+
+    def _drop_source(self, owner: _Watch | _System, src: Source, why: str) -> None:
+        assert self._epoll is not None
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(src.fd)
+        self._fds.pop(src.fd, None)
+        src.close()
+        owner.sources.remove(src)
+        self._say(f"{owner.name}: {src.trigger} trigger stopped: {why}")
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        timeout = (HANDBACK_POLL_S if any(w.handed_over for w in self.watches) else IDLE_S)
+        for w in self.watches:
+            if w.recheck_at is not None:
+                timeout = min(timeout, w.recheck_at - now)
+            for src in w.sources:
+                if src.next_poll is not None:
+                    timeout = min(timeout, src.next_poll - now)
+        for sysw in self._systems:
+            if sysw.spec.threshold is not None:
+                timeout = min(timeout, sysw.next_check - now)
+        if self._needs_history():
+            timeout = min(timeout, self._next_history - now)
+        return max(0.0, timeout)
 
     def run(self) -> int:
         # Handlers first: a SIGTERM while the watches are set up ends the run
@@ -349,49 +559,31 @@ class Warden:
             os.close(read_end)
             os.close(write_end)
             raise
-        selector = selectors.DefaultSelector()
-        selector.register(read_end, selectors.EVENT_READ, None)
-        for w in self.watches:
-            selector.register(w.event_fd, selectors.EVENT_READ, w)
-        self._say(f"watching {len(self.watches)} memory cgroups and "
-                  f"{len(self._thresholds)} memory thresholds"
+        self._epoll = select.epoll()
+        self._register(read_end, select.EPOLLIN, None)
+        self._register_all()
+        self._say(self._summary()
                   + (" (dry run: the kernel's killer stays in charge)" if self.dry_run else ""))
         self._notify("READY=1")
         try:
             while not self._stop:
                 if self._reload_wanted:
                     self._reload_wanted = False
-                    self._reload(selector)
+                    self._reload()
                 self._watchdog_ping()
-                timeout = HANDBACK_POLL_S if any(w.handed_over for w in self.watches) else IDLE_S
-                now = time.monotonic()
-                for t in self._thresholds:
-                    timeout = min(timeout, max(0.0, t.next_check - now))
-                if self._needs_history():
-                    timeout = min(timeout, max(0.0, self._next_history - now))
-                for key, _ in selector.select(timeout):
-                    if key.data is None:
-                        with contextlib.suppress(OSError):
-                            os.read(read_end, 512)
-                        continue
-                    watch = key.data
-                    try:
-                        self._on_event(watch)
-                    except Exception as e:
-                        self._hand_over(watch, f"internal error: {type(e).__name__}: {e}")
+                try:
+                    ready = self._epoll.poll(self._timeout())
+                except InterruptedError:
+                    ready = []
+                for fd, events in ready:
+                    self._dispatch(fd, events, read_end)
                 self._take_back()
-                for t in self._thresholds:
-                    if time.monotonic() >= t.next_check:
-                        try:
-                            self._check_threshold(t)
-                        except Exception as e:
-                            self._say(f"threshold check failed: {type(e).__name__}: {e}")
-                            t.next_check = time.monotonic() + IDLE_S
-                if self._needs_history() and time.monotonic() >= self._next_history:
-                    self._keep_history()
+                self._due()
         finally:
             self.stop()  # before the default handlers are back
-            selector.close()
+            self._epoll.close()
+            self._epoll = None
+            self._fds.clear()
             signal.set_wakeup_fd(old_wakeup)
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -399,7 +591,81 @@ class Warden:
             os.close(write_end)
         return self._exit_code
 
-    def _on_event(self, w: _Watch) -> None:
+    def _dispatch(self, fd: int, events: int, read_end: int) -> None:
+        if fd not in self._fds:
+            return  # dropped earlier in this round
+        data = self._fds[fd]
+        if data is None:
+            with contextlib.suppress(OSError):
+                os.read(read_end, 512)
+            return
+        if isinstance(data, _Watch):
+            try:
+                self._on_oom_event(data)
+            except Exception as e:
+                self._hand_over(data, f"internal error: {type(e).__name__}: {e}")
+            return
+        owner, src = data
+        try:
+            detail = src.fired(events)
+        except TriggerGone as e:
+            self._drop_source(owner, src, str(e))
+            return
+        except OSError as e:
+            self._say(f"{owner.name}: {src.trigger} trigger failed to read: {e}")
+            return
+        self._fire(owner, src.trigger, detail)
+
+    def _fire(self, owner: _Watch | _System, trigger: str, detail: str | None,
+              term_only: bool = False) -> None:
+        if detail is None:
+            return
+        try:
+            self._act(owner, trigger, detail, term_only=term_only)
+        except Exception as e:  # the warden carries on; the kernel is the safety net
+            self._say(f"{owner.name}: {trigger} decision failed: {type(e).__name__}: {e}")
+
+    def _due(self) -> None:
+        """What the loop does on an interval: polled sources, deferred OOMs,
+        thresholds, history."""
+        now = time.monotonic()
+        for w in list(self.watches):
+            if w.recheck_at is not None and now >= w.recheck_at:
+                self._recheck_oom(w)
+            for src in list(w.sources):
+                if isinstance(src, MarginSource) and now >= src.refresh_due:
+                    self._rearm(w, src)
+                if src.next_poll is not None and now >= src.next_poll:
+                    try:
+                        detail = src.poll()
+                    except TriggerGone as e:
+                        self._drop_source(w, src, str(e))
+                        continue
+                    self._fire(w, src.trigger, detail)
+        for sysw in self._systems:
+            if sysw.spec.threshold is not None and time.monotonic() >= sysw.next_check:
+                try:
+                    self._check_threshold(sysw)
+                except Exception as e:
+                    self._say(f"threshold check failed: {type(e).__name__}: {e}")
+                    sysw.next_check = time.monotonic() + IDLE_S
+        if self._needs_history() and time.monotonic() >= self._next_history:
+            self._keep_history()
+
+    def _rearm(self, w: _Watch, src: MarginSource) -> None:
+        old = src.fd
+        try:
+            changed = src.rearm()
+        except TriggerError as e:
+            self._drop_source(w, src, str(e))
+            return
+        if changed:
+            self._fds.pop(old, None)  # closed: epoll forgot it
+            self._register(src.fd, src.mask, (w, src))
+
+    # -- acting ---------------------------------------------------------------------------
+
+    def _on_oom_event(self, w: _Watch) -> None:
         event_ns = time.time_ns()
         try:
             os.read(w.event_fd, 8)
@@ -408,8 +674,34 @@ class Warden:
         dry = self.dry_run or w.spec.dry_run
         if not dry and not self._under_oom(w):
             return  # a wake-up without an OOM (e.g. the cgroup was removed)
+        if not dry and w.cooldown.holds(lagging=False):
+            # The last victims' memory is not gone yet: their exit may end
+            # this OOM. Look again shortly (the tasks stay paused), at most
+            # for EVENT_BUDGET_S.
+            if w.recheck_at is None:
+                w.recheck_until = time.monotonic() + EVENT_BUDGET_S
+            w.recheck_at = time.monotonic() + RECHECK_S
+            return
+        self._handle_oom(w, event_ns)
+
+    def _recheck_oom(self, w: _Watch) -> None:
+        if not self._under_oom(w):
+            w.recheck_at = None
+            return
+        if w.cooldown.holds(lagging=False) and time.monotonic() < w.recheck_until:
+            w.recheck_at = time.monotonic() + RECHECK_S
+            return
+        w.recheck_at = None
+        try:
+            self._handle_oom(w, time.time_ns())
+        except Exception as e:
+            self._hand_over(w, f"internal error: {type(e).__name__}: {e}")
+
+    def _handle_oom(self, w: _Watch, event_ns: int) -> None:
+        dry = self.dry_run or w.spec.dry_run
         # In a dry run the kernel's killer was never paused: by now it has
         # usually acted, and the decision shows what the warden would do next.
+        usage_before = _usage(w)
         snapshot = build_snapshot(SourceConfig(only=("v1", w.path), cgroup_stat=False,
                                                read=self._read_options(w.spec.policy)))
         cg = next((c for c in snapshot.cgroups
@@ -421,7 +713,7 @@ class Warden:
         # decision gets at most EVENT_BUDGET_S whatever the configured budget.
         decision = decide(snapshot, cgroup_domain(snapshot, cg), w.spec.policy,
                           history=self._history_for(snapshot, w.spec.policy),
-                          event=Event("oom", f"cgroup:{w.path}"), guard=signal_guard,
+                          event=Event("oom", w.name), guard=signal_guard,
                           budget_s=min(self.budget_s, EVENT_BUDGET_S))
         decided_ns = time.time_ns()
         # No SIGTERM grace here: tasks waiting in a v1 OOM sleep killable, a
@@ -433,17 +725,64 @@ class Warden:
         except Exception as e:
             self._hand_over(w, f"the executor failed: {e}")
             return
-        done_ns = time.time_ns()
         w.decisions += 1
-        self._record(f"cgroup:{w.path}", decision, results, (event_ns, decided_ns, done_ns),
-                     dry)
-        if not dry and (not decision.actions or not any(r.ok for r in results)):
+        self._record(w.name, decision, results, (event_ns, decided_ns, time.time_ns()),
+                     dry=dry, usage=(usage_before, _usage(w)),
+                     detail="memory.oom_control: under_oom (the kernel's killer paused)"
+                     if w.paused else "memory.oom_control: OOM notification")
+        if dry:
+            return
+        w.cooldown.start(results, 0.0)
+        if not decision.actions or not any(r.ok for r in results):
             self._hand_over(w, "no action succeeded" if decision.actions else
                             "the policy chose nothing")
-        elif not dry and self._still_under_oom(w):
+        elif self._still_under_oom(w):
             self._hand_over(w, "the actions did not end the OOM")
-        elif not dry:
-            w.last_kill = time.monotonic()
+
+    def _act(self, owner: _Watch | _System, trigger: str, detail: str,
+             term_only: bool = False) -> None:
+        """A pre-OOM trigger fired: decide and act, unless the domain's
+        cooldown holds."""
+        lag = (owner.spec.pressure or Pressure()).window_s if trigger == "pressure" else 0.0
+        if owner.cooldown.holds(lagging=trigger == "pressure"):
+            return
+        dry = self.dry_run or owner.dry
+        event_ns = time.time_ns()
+        policy = owner.spec.policy
+        if isinstance(owner, _System):
+            usage_before = _available()
+            snapshot = build_snapshot(SourceConfig(read=self._read_options(policy)))
+            domain = system_domain(snapshot)
+            confine = None
+        else:
+            usage_before = _usage(owner)
+            snapshot = build_snapshot(SourceConfig(only=("v1", owner.path), cgroup_stat=False,
+                                                   read=self._read_options(policy)))
+            cg = next((c for c in snapshot.cgroups
+                       if c.kind is HierarchyKind.V1 and c.path == owner.path), None)
+            if cg is None or cg.inode != owner.inode:
+                self._say(f"{owner.name}: {trigger} fired, but the cgroup is gone or another "
+                          "one now")
+                return
+            domain = cgroup_domain(snapshot, cg)
+            confine = ("v1", owner.path)
+        decision = decide(snapshot, domain, policy,
+                          history=self._history_for(snapshot, policy),
+                          event=Event(trigger, owner.name, detail), guard=signal_guard,
+                          budget_s=self.budget_s)
+        decided_ns = time.time_ns()
+        executor = Executor(dry_run=dry, sigterm_grace_s=owner.spec.sigterm_grace_s,
+                            term_only=term_only, protect=frozenset(self._own_pids()),
+                            domain=confine)
+        results = executor.run(decision.actions, self._hook_env(decision))
+        owner.decisions += 1
+        after = _available() if isinstance(owner, _System) else _usage(owner)
+        self._record(owner.name, decision, results, (event_ns, decided_ns, time.time_ns()),
+                     dry=dry, usage=(usage_before, after), detail=detail)
+        if dry:
+            owner.cooldown.start_dry()
+        else:
+            owner.cooldown.start(results, lag)
 
     @staticmethod
     def _read_options(policy: Policy) -> ReadOptions:
@@ -451,7 +790,7 @@ class Warden:
 
     def _needs_history(self) -> bool:
         return any(w.spec.policy.needs_history for w in self.watches) or any(
-            t.spec.policy.needs_history for t in self._thresholds)
+            t.spec.policy.needs_history for t in self._systems)
 
     def _keep_history(self) -> None:
         self._history.append(build_snapshot(SourceConfig()))
@@ -467,10 +806,12 @@ class Warden:
                 return History(old)
         return History(self._history[0]) if self._history else None
 
-    def _check_threshold(self, t: _Threshold) -> None:
+    def _check_threshold(self, t: _System) -> None:
         """earlyoom's rule: both MemAvailable and SwapFree at or below a level.
         The next check comes sooner the nearer memory is to the level (at the
         fill rate earlyoom assumes, 6 GB/s), between 0.1 and 1 s."""
+        threshold = t.spec.threshold
+        assert threshold is not None
         now = time.monotonic()
         try:
             memory = read_system()
@@ -482,26 +823,13 @@ class Warden:
         mem_pct = 100.0 * available / max(1, memory.mem_total)
         swap_pct = (None if memory.swap_total == 0 else
                     100.0 * memory.swap_free / memory.swap_total)
-        level = t.spec.threshold.level(mem_pct, swap_pct)
-        headroom = available - memory.mem_total * t.spec.threshold.mem_available_percent / 100
+        level = threshold.level(mem_pct, swap_pct)
+        headroom = available - memory.mem_total * threshold.mem_available_percent / 100
         t.next_check = now + min(IDLE_S, max(THRESHOLD_MIN_S, headroom / FILL_RATE))
-        if level is None or now - t.last_action < t.spec.cooldown_s:
+        if level is None:
             return
-        event_ns = time.time_ns()
-        snapshot = build_snapshot(SourceConfig(read=self._read_options(t.spec.policy)))
-        decision = decide(snapshot, system_domain(snapshot), t.spec.policy,
-                          history=self._history_for(snapshot, t.spec.policy),
-                          event=Event("threshold", "system",
-                                      f"MemAvailable {mem_pct:.1f}%, level {level}"),
-                          guard=signal_guard, budget_s=self.budget_s)
-        decided_ns = time.time_ns()
-        dry = self.dry_run or t.spec.dry_run
-        executor = Executor(dry_run=dry, sigterm_grace_s=t.spec.sigterm_grace_s,
-                            term_only=level == "term", protect=frozenset(self._own_pids()))
-        results = executor.run(decision.actions, self._hook_env(decision))
-        t.decisions += 1
-        t.last_action = time.monotonic()
-        self._record("system", decision, results, (event_ns, decided_ns, time.time_ns()), dry)
+        self._fire(t, "threshold", f"MemAvailable {mem_pct:.1f}%, level {level}",
+                   term_only=level == "term")
 
     def _still_under_oom(self, w: _Watch) -> bool:
         """After the actions: is the cgroup still stuck at its limit?"""
@@ -525,7 +853,8 @@ class Warden:
             return
         restore_subtree(w.fs_path)
         w.handed_over = True
-        self._say(f"cgroup:{w.path}: {why}; the kernel's own killer resolves this OOM")
+        w.recheck_at = None
+        self._say(f"{w.name}: {why}; the kernel's own killer resolves this OOM")
 
     def _take_back(self) -> None:
         for w in self.watches:
@@ -541,15 +870,29 @@ class Warden:
     # -- output ---------------------------------------------------------------------------
 
     def _record(self, where: str, d: Decision, results: list[Result],
-                times_ns: tuple[int, int, int], dry: bool) -> None:
+                times_ns: tuple[int, int, int], *, dry: bool,
+                usage: tuple[int | None, int | None], detail: str) -> None:
         record = d.to_json(top=10)
         event_ns, decided_ns, done_ns = times_ns
+        signals = [r.signal_ns for r in results if r.signal_ns is not None]
+        released = [r.released_ns for r in results if r.released_ns is not None]
+        exits = [r.exit_ns for r in results if r.exit_ns is not None]
+        freed = [r.freed_bytes for r in results if r.freed_bytes is not None]
+        before, after = usage
         record.update({
-            "time_ns": {"event": event_ns, "decided": decided_ns, "done": done_ns},
+            "time_ns": {"event": event_ns, "decided": decided_ns,
+                        "signal": min(signals) if signals else None,
+                        "released": max(released) if released else None,
+                        "exit": max(exits) if exits else None, "done": done_ns},
+            "event_detail": detail,
             "dry_run": dry,
+            "freed_bytes": sum(freed) if freed else None,
+            "memory_bytes": {"what": "MemAvailable" if where == "system" else "usage",
+                             "before": before, "after": after},
             "results": [{"action": r.action, "ok": r.ok, "detail": r.detail,
                          "seconds": r.seconds, "killed": list(r.killed),
-                         "freed_bytes": r.freed_bytes} for r in results],
+                         "freed_bytes": r.freed_bytes, "exited": r.exited}
+                        for r in results],
         })
         if self._log is not None:
             try:
@@ -559,7 +902,7 @@ class Warden:
         v = d.victim
         what = "would kill" if dry else "killed"
         if v is not None:
-            self._say(f"{where}: {what} pid {v.task.pid} ({v.task.comm}) under "
+            self._say(f"{where}: {d.trigger}: {what} pid {v.task.pid} ({v.task.comm}) under "
                       f"{d.policy}, {v.points} points"
                       + (f" (fallback: {d.fallback})" if d.fallback else ""))
         for r in results:
@@ -593,10 +936,12 @@ class Warden:
             if w.paused:
                 restore_subtree(w.fs_path)
                 w.paused = False
-            for fd in (w.event_fd, w.control_fd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_watch(w)
         self.watches.clear()
+        for sysw in self._systems:
+            for src in sysw.sources:
+                src.close()
+        self._systems.clear()
         if self._watchdog is not None:
             self._watchdog.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -610,31 +955,45 @@ class Warden:
             self._log = None
 
 
-#: What this daemon implements so far; the others are refused at start
-#: rather than silently not watched.
-SUPPORTED = {"oom": "cgroup", "threshold": "system"}
+def _close_watch(w: _Watch) -> None:
+    for fd in (w.event_fd, w.control_fd):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    w.event_fd = w.control_fd = -1
+    for src in w.sources:
+        src.close()
+    w.sources.clear()
+
+
+#: What this daemon implements so far, by domain kind; the others are refused
+#: at start rather than silently not watched.
+SUPPORTED = {"cgroup": ("oom", "pressure", "margin"), "system": ("threshold", "pressure", "oom")}
 
 
 def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
     """The daemon for a validated config. A glob domain is expanded over the
     v1 memory cgroups that exist at start."""
     specs: list[WatchSpec] = []
-    thresholds: list[ThresholdSpec] = []
+    systems: list[SystemSpec] = []
     snapshot = None
     for w in config.watches:
+        kind = "system" if w.domain.system else "cgroup"
         for trigger in w.triggers:
-            want = SUPPORTED.get(trigger)
-            kind = "system" if w.domain.system else "cgroup"
-            if want != kind:
-                raise ConfigError(
-                    f"{config.source}: {w.name}: the {trigger!r} trigger on a {kind} domain is "
-                    "not implemented by this daemon yet (supported: 'oom' on memory cgroups, "
-                    "'threshold' on the system)")
+            if trigger not in SUPPORTED[kind]:
+                why = ("cgroup v1 has no memory.events (use 'oom', 'pressure' or 'margin'); "
+                       "on cgroup v2 it is not implemented yet" if trigger == "events"
+                       else f"supported there: {', '.join(SUPPORTED[kind])}")
+                raise ConfigError(f"{config.source}: {w.name}: the {trigger!r} trigger on a "
+                                  f"{kind} domain is not implemented by this daemon: {why}")
         grace = w.sigterm_grace_ms / 1000
         if w.domain.system:
-            assert w.threshold is not None
-            thresholds.append(ThresholdSpec(w.policy, w.threshold, grace, w.cooldown_s,
-                                            w.dry_run))
+            # "oom" on the system: its pre-OOM signals, PSI and the threshold.
+            oom = "oom" in w.triggers
+            threshold = w.threshold or (Threshold() if oom else None)
+            pressure = w.pressure or (Pressure() if oom else None)
+            systems.append(SystemSpec(w.policy, threshold, grace, w.cooldown_s, w.dry_run,
+                                      pressure))
             continue
         path = w.domain.path or "/"
         paths = [path]
@@ -645,9 +1004,10 @@ def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
             if not paths:
                 raise ConfigError(f"{config.source}: {w.name}: {w.domain.spec} matches no "
                                   "memory cgroup now")
-        specs.extend(WatchSpec(f"v1:{p}", w.policy, grace, w.cooldown_s, w.dry_run)
+        specs.extend(WatchSpec(f"v1:{p}", w.policy, grace, w.cooldown_s, w.dry_run,
+                               tuple(w.triggers), w.pressure, w.margin_percent)
                      for p in paths)
-    return Warden(specs, config.decision_log, thresholds=thresholds,
+    return Warden(specs, config.decision_log, systems=systems,
                   budget_s=config.budget_ms / 1000, dry_run=dry_run)
 
 
@@ -671,3 +1031,47 @@ def _own_memcg() -> str | None:
     except (OSError, OomwardenError):
         return None
     return memcg
+
+
+def _gone(pid: int, start_ticks: int) -> bool:
+    """Whether a victim's memory is gone: it exited (a zombie holds none) or
+    its pid names another process now."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            info = parse_stat(f.read())
+    except (OSError, OomwardenError):
+        return True
+    return info.start_ticks != start_ticks or info.state in ("Z", "X")
+
+
+def _usage(w: _Watch) -> int | None:
+    try:
+        with open(os.path.join(w.fs_path, "memory.usage_in_bytes"), "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _available() -> int | None:
+    try:
+        return read_system().mem_available
+    except OomwardenError:
+        return None
+
+
+def _cgroup2_twin(path: str) -> str | None:
+    """The cgroup2 directory at the same path as a v1 memory cgroup, with a
+    ``memory.pressure`` file, on a verified cgroup2 mount; None if none."""
+    try:
+        hierarchies = find_hierarchies()
+    except OomwardenError:
+        return None
+    for h in hierarchies:
+        if h.kind is not HierarchyKind.V2 or not h.verified:
+            continue
+        rel = path[len(h.root):] if h.root != "/" and path.startswith(h.root) else path
+        twin = os.path.join(h.mount_point, rel.lstrip("/"))
+        if (os.path.isfile(os.path.join(twin, "memory.pressure"))
+                and is_cgroup_fs(twin, v2=True)):
+            return twin
+    return None

@@ -40,7 +40,7 @@ import stat as stat_mod
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
@@ -53,6 +53,7 @@ EXIT_WAIT_S = 2.0
 MAX_ROUNDS = 10
 MAX_TREE = 10_000
 HOOK_TIMEOUT_S = 10.0
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _SYS_PROCESS_MRELEASE = {"x86_64": 448, "aarch64": 448}
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -101,7 +102,31 @@ class Result:
     detail: str
     seconds: float
     killed: tuple[int, ...] = ()
+    #: Files deleted: their size on disk. Kills: the victims' resident memory
+    #: read just before SIGKILL (what the kill gave back once they exited).
     freed_bytes: int | None = None
+    #: Wall-clock stages of a kill (``time.time_ns()``): the first signal,
+    #: the memory released (``process_mrelease`` returned), every victim gone.
+    signal_ns: int | None = None
+    released_ns: int | None = None
+    exit_ns: int | None = None
+    #: The victims signalled, as (pid, start time in ticks): the cooldown
+    #: checks them for "memory gone" without holding their pidfds.
+    victims: tuple[tuple[int, int], ...] = ()
+    #: Whether every victim had exited when the action returned (None: no
+    #: kill was made).
+    exited: bool | None = None
+
+
+@dataclass
+class _Kill:
+    """What :meth:`Executor._kill_fds` saw."""
+
+    summary: str
+    signal_ns: int
+    released_ns: int | None
+    exit_ns: int | None
+    rss_bytes: int | None
 
 
 @dataclass
@@ -121,6 +146,8 @@ class Executor:
     domain: tuple[str, str] | None = None
     protect: frozenset[int] = field(default_factory=frozenset)
     clock: Callable[[], float] = time.monotonic
+    #: Open pidfds -> (pid, start time in ticks), as checked when opened.
+    _identity: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
     def run(self, actions: Iterable[Action], env: dict[str, str] | None = None) -> list[Result]:
         return [self.execute(a, env) for a in actions]
@@ -149,27 +176,32 @@ class Executor:
                  ppid: int | None = None) -> str | None:
         """None if the process may be signalled, else why not. ``ppid``: it
         must still be that process's child (a recycled PID is not)."""
+        return self._check(pid, start_ticks, ppid)[0]
+
+    def _check(self, pid: int, start_ticks: int | None,
+               ppid: int | None = None) -> tuple[str | None, int]:
+        """(why not, or None; the process's start time in ticks)."""
         if pid <= 1:
-            return "pid 1 is never killed"
+            return "pid 1 is never killed", 0
         if pid == os.getpid() or pid in self.protect:
-            return f"pid {pid} is the warden or protected"
+            return f"pid {pid} is the warden or protected", 0
         try:
             with open(f"{self.proc_root}/{pid}/stat", "rb") as f:
                 info = parse_stat(f.read())
             with open(f"{self.proc_root}/{pid}/oom_score_adj", "rb") as f:
                 adj = parse_oom_score_adj(f.read())
         except (OSError, ParseError):
-            return f"pid {pid} is gone"
+            return f"pid {pid} is gone", 0
         if ppid is not None and info.ppid != ppid:
-            return f"pid {pid} is no longer a child of {ppid}"
+            return f"pid {pid} is no longer a child of {ppid}", 0
         if start_ticks is not None and info.start_ticks != start_ticks:
-            return f"pid {pid} now names another process (start {info.start_ticks}, not " \
-                   f"{start_ticks})"
+            return (f"pid {pid} now names another process (start {info.start_ticks}, not "
+                    f"{start_ticks})"), 0
         if info.kthread:
-            return f"pid {pid} is a kernel thread"
+            return f"pid {pid} is a kernel thread", 0
         if adj <= -1000:
-            return f"pid {pid} has oom_score_adj -1000"
-        return None
+            return f"pid {pid} has oom_score_adj -1000", 0
+        return None, info.start_ticks
 
     def _open(self, pid: int, start_ticks: int | None,
               ppid: int | None = None) -> tuple[int | None, str | None]:
@@ -178,13 +210,18 @@ class Executor:
             fd = os.pidfd_open(pid)
         except OSError as e:
             return None, f"pid {pid}: {e.strerror}"
-        why = self._why_not(pid, start_ticks, ppid)
+        why, start = self._check(pid, start_ticks, ppid)
         if why is None and self.domain is not None and not self._in_domain(pid):
             why = f"pid {pid} is outside {self.domain[0]}:{self.domain[1]}"
         if why is not None:
             os.close(fd)
             return None, why
+        self._identity[fd] = (pid, start)
         return fd, None
+
+    def _close(self, fd: int) -> None:
+        self._identity.pop(fd, None)
+        os.close(fd)
 
     def _in_domain(self, pid: int) -> bool:
         assert self.domain is not None
@@ -218,38 +255,77 @@ class Executor:
             left = [fd for fd in left if fd not in ready]
         return True
 
-    def _kill_fds(self, fds: list[int]) -> str:
-        """SIGKILL, release the memory, wait for the exits. Returns a summary."""
+    def _rss_bytes(self, fds: list[int]) -> int | None:
+        """The victims' resident memory now (``statm``), None if unreadable."""
+        total = 0
+        for fd in fds:
+            pid = self._identity.get(fd, (0, 0))[0]
+            try:
+                with open(f"{self.proc_root}/{pid}/statm", "rb") as f:
+                    total += int(f.read().split()[1]) * PAGE_SIZE
+            except (OSError, ValueError, IndexError):
+                return None
+        return total
+
+    def _kill_fds(self, fds: list[int]) -> _Kill:
+        """SIGKILL, release the memory, wait for the exits."""
+        rss = None if self.dry_run else self._rss_bytes(fds)
+        signal_ns = time.time_ns()
         for fd in fds:
             self._signal(fd, signal.SIGKILL)
         released = 0
+        released_ns = None
         if not self.dry_run:
             for fd in fds:
                 if process_mrelease(fd) in ("released", "gone"):
                     released += 1
+            released_ns = time.time_ns() if released == len(fds) else None
         exited = True if self.dry_run else self._wait(fds, EXIT_WAIT_S)
-        return (f"{len(fds)} killed, {released} released" +
-                ("" if exited else f"; not all exited within {EXIT_WAIT_S:g} s"))
+        exit_ns = time.time_ns() if exited and not self.dry_run else None
+        summary = (f"{len(fds)} killed, {released} released" +
+                   ("" if exited else f"; not all exited within {EXIT_WAIT_S:g} s"))
+        return _Kill(summary, signal_ns, released_ns, exit_ns, rss)
+
+    def _killed(self, action: str, kill: _Kill | None, detail: str, started: float, *,
+                fds: list[int], pids: tuple[int, ...]) -> Result:
+        """The Result of a kill made through pidfds (``kill`` None: a SIGTERM
+        only, or a dry run's)."""
+        victims = tuple(self._identity[fd] for fd in fds if fd in self._identity)
+        if kill is None or self.dry_run:
+            return Result(action, True, detail + self._dry(), self.clock() - started, pids,
+                          victims=victims)
+        return Result(action, True, detail + self._dry(), self.clock() - started, pids,
+                      freed_bytes=kill.rss_bytes if kill.exit_ns else None,
+                      signal_ns=kill.signal_ns, released_ns=kill.released_ns,
+                      exit_ns=kill.exit_ns, victims=victims, exited=kill.exit_ns is not None)
 
     def _kill_one(self, action: KillProcess, started: float) -> Result:
         fd, why = self._open(action.pid, action.start_ticks)
         if fd is None:
             return Result("kill_process", False, f"refused: {why}", self.clock() - started)
+        pids = (action.pid,)
         try:
             if self.term_only and self.sigterm_grace_s <= 0:
+                signal_ns = time.time_ns()
                 self._signal(fd, signal.SIGTERM)
-                return Result("kill_process", True, "SIGTERM" + self._dry(),
-                              self.clock() - started, (action.pid,))
+                result = self._killed("kill_process", None, "SIGTERM", started, fds=[fd], pids=pids)
+                return replace(result, signal_ns=None if self.dry_run else signal_ns)
+            signal_ns = time.time_ns()
             if self.sigterm_grace_s > 0 and self._signal(fd, signal.SIGTERM) and (
                 self.dry_run or self._wait([fd], self.sigterm_grace_s)
             ):
-                return Result("kill_process", True, "SIGTERM: exited within the grace"
-                              + self._dry(), self.clock() - started, (action.pid,))
-            summary = self._kill_fds([fd])
-            return Result("kill_process", True, summary + self._dry(), self.clock() - started,
-                          (action.pid,))
+                result = self._killed("kill_process", None, "SIGTERM: exited within the grace",
+                                      started, fds=[fd], pids=pids)
+                if self.dry_run:
+                    return result
+                return replace(result, signal_ns=signal_ns, exit_ns=time.time_ns(),
+                               exited=True)
+            kill = self._kill_fds([fd])
+            if self.sigterm_grace_s > 0:
+                kill.signal_ns = signal_ns
+            return self._killed("kill_process", kill, kill.summary, started, fds=[fd], pids=pids)
         finally:
-            os.close(fd)
+            self._close(fd)
 
     def _children(self, pid: int) -> list[int]:
         out: list[int] = []
@@ -298,25 +374,27 @@ class Executor:
                         fds[child] = fd
                 if not found:
                     break
+            kill = None
             if self.term_only:  # earlyoom's first level: SIGTERM, and let them run
                 for fd in fds.values():
                     self._signal(fd, signal.SIGTERM)
                     self._signal(fd, signal.SIGCONT)
                 summary = f"{len(fds)} sent SIGTERM"
             else:
-                summary = self._kill_fds(list(fds.values()))
+                kill = self._kill_fds(list(fds.values()))
+                summary = kill.summary
             finished = True
             spared = f"; spared {sorted(spare)}" if spare else ""
             if refused:
                 spared += "; refused: " + "; ".join(refused[:5])
-            return Result("kill_tree", True, summary + spared + self._dry(),
-                          self.clock() - started, tuple(sorted(fds)))
+            return self._killed("kill_tree", kill, summary + spared, started,
+                                fds=list(fds.values()), pids=tuple(sorted(fds)))
         finally:
             if not finished:  # never leave a stopped tree behind
                 for fd in fds.values():
                     self._signal(fd, signal.SIGKILL)
             for fd in fds.values():
-                os.close(fd)
+                self._close(fd)
 
     # -- cgroups --------------------------------------------------------------------
 
@@ -344,13 +422,22 @@ class Executor:
         kill_file = os.path.join(path, "cgroup.kill")
         complete = len(members) < MAX_TREE  # every member was seen and checked
         if not protected and complete and not self.term_only and os.path.exists(kill_file):
-            if not self.dry_run:
-                with open(kill_file, "w") as f:
-                    f.write("1")
-            return Result("kill_cgroup", True, f"cgroup.kill on {action.path} "
-                          f"({len(members)} processes){self._dry()}", self.clock() - started,
-                          tuple(sorted(members)))
+            detail = f"cgroup.kill on {action.path} ({len(members)} processes)"
+            if self.dry_run:
+                return Result("kill_cgroup", True, detail + self._dry(),
+                              self.clock() - started, tuple(sorted(members)))
+            signal_ns = time.time_ns()
+            with open(kill_file, "w") as f:
+                f.write("1")
+            exited = self._emptied(path, EXIT_WAIT_S)
+            if not exited:
+                detail += f"; not all exited within {EXIT_WAIT_S:g} s"
+            return Result("kill_cgroup", True, detail, self.clock() - started,
+                          tuple(sorted(members)), signal_ns=signal_ns,
+                          exit_ns=time.time_ns() if exited else None, exited=exited)
         killed: set[int] = set()
+        victims: list[tuple[int, int]] = []
+        kills: list[_Kill] = []
         for _ in range(MAX_ROUNDS):
             fds = []
             for pid in self._members(path):
@@ -362,6 +449,7 @@ class Executor:
                     continue
                 fds.append(fd)
                 killed.add(pid)
+                victims.append(self._identity[fd])
             if not fds:
                 break
             try:
@@ -369,18 +457,39 @@ class Executor:
                     for fd in fds:
                         self._signal(fd, signal.SIGTERM)
                 else:
-                    self._kill_fds(fds)
+                    kills.append(self._kill_fds(fds))
             finally:
                 for fd in fds:
-                    os.close(fd)
+                    self._close(fd)
             if self.term_only:
                 break
             if self.dry_run:
                 break
         spared = f"; spared {sorted(spare)}" if spare else ""
-        return Result("kill_cgroup", True, f"{len(killed)} processes of {action.path} killed "
-                      f"one by one{spared}{self._dry()}", self.clock() - started,
-                      tuple(sorted(killed)))
+        detail = f"{len(killed)} processes of {action.path} killed one by one{spared}"
+        if not kills or self.dry_run:
+            return Result("kill_cgroup", True, detail + self._dry(), self.clock() - started,
+                          tuple(sorted(killed)), victims=tuple(victims))
+        rss = [k.rss_bytes for k in kills]
+        exited = all(k.exit_ns is not None for k in kills)
+        return Result("kill_cgroup", True, detail, self.clock() - started,
+                      tuple(sorted(killed)),
+                      freed_bytes=sum(r for r in rss if r is not None)
+                      if exited and None not in rss else None,
+                      signal_ns=kills[0].signal_ns,
+                      released_ns=kills[-1].released_ns
+                      if all(k.released_ns for k in kills) else None,
+                      exit_ns=kills[-1].exit_ns if exited else None,
+                      victims=tuple(victims), exited=exited)
+
+    def _emptied(self, path: str, timeout_s: float) -> bool:
+        """Wait (bounded) until no process is left in the cgroup's subtree."""
+        deadline = self.clock() + timeout_s
+        while self._members(path):
+            if self.clock() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     def _members(self, path: str) -> list[int]:
         pids: list[int] = []

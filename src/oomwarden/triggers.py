@@ -1,0 +1,261 @@
+"""Pre-OOM trigger sources: file descriptors the daemon's epoll loop waits on.
+
+Each source says *that* a domain may need a kill; the daemon then snapshots,
+decides and acts (with the watch's cooldown). Sources, by domain:
+
+* **PSI** (``pressure``): a trigger written to ``/proc/pressure/memory`` (the
+  system) or to a cgroup's ``memory.pressure``; the kernel raises POLLPRI when
+  tasks stalled on memory for the given time within the window
+  (``Documentation/accounting/psi.rst``). One trigger per open file. A v1
+  memory cgroup has no PSI file of its own; on a hybrid host its twin in the
+  cgroup2 hierarchy (the same path: systemd keeps both trees alike) has one,
+  and counts the stalls of the same tasks when they are in both.
+* **vmpressure** (``pressure`` on a v1 memory cgroup with no cgroup2 twin):
+  an eventfd on ``memory.pressure_level`` at level ``critical``, which the
+  kernel signals when reclaim in the cgroup is failing (no PSI figures: the
+  watch's PSI levels do not apply there).
+* **margin**: the cgroup's working set (usage less its inactive file cache,
+  as kubelet counts it: page cache that reclaim drops at once is no reason to
+  kill) within ``margin_percent`` of its limit. On v1 an eventfd on
+  ``memory.usage_in_bytes`` (a usage threshold, ``cgroup.event_control``)
+  wakes the warden when usage crosses the margin; above it, the working set is
+  read on a short interval until usage falls back.
+
+Every source here is I/O only; what to do about a firing is the daemon's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import time
+from dataclasses import dataclass, field
+
+from oomwarden.errors import OomwardenError, ParseError
+from oomwarden.sources.parse import parse_flat_keyed, parse_limit
+
+EPOLLIN = select.EPOLLIN
+EPOLLPRI = select.EPOLLPRI
+EPOLLERR = select.EPOLLERR
+#: Above the margin's usage threshold, the working set is read this often.
+MARGIN_POLL_S = 0.1
+#: How often a margin source re-reads the limit (a changed limit moves the
+#: usage threshold).
+LIMIT_REFRESH_S = 5.0
+#: v1's "unlimited": PAGE_COUNTER_MAX pages, rounded by the kernel.
+V1_UNLIMITED = 1 << 62
+
+
+class TriggerError(OomwardenError):
+    """A trigger cannot be set up (the message says why, in one line)."""
+
+
+class TriggerGone(OomwardenError):
+    """A trigger's cgroup was removed: the source is dead."""
+
+
+@dataclass
+class Source:
+    """One file descriptor of the loop and what its readiness means."""
+
+    trigger: str
+    #: What it watches, for the log: "PSI full 40% of 2 s on /proc/pressure/memory".
+    what: str
+    fd: int
+    mask: int
+    #: When the loop should call :meth:`poll` (monotonic), None: never.
+    next_poll: float | None = None
+
+    def fired(self, events: int) -> str | None:
+        """The fd is ready: the detail if the trigger holds now, else None.
+        Raises :class:`TriggerGone` when its cgroup is gone."""
+        raise NotImplementedError
+
+    def poll(self) -> str | None:
+        """Called at ``next_poll``: the detail if the trigger holds now."""
+        self.next_poll = None
+        return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+@dataclass
+class PsiSource(Source):
+    path: str = ""
+
+    @classmethod
+    def open(cls, path: str, line: str) -> PsiSource:
+        """A PSI trigger ``line`` (``some|full STALL_US WINDOW_US\\n``) on ``path``."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise TriggerError(f"{path}: {e.strerror}") from None
+        try:
+            os.write(fd, line.encode())
+        except OSError as e:
+            os.close(fd)
+            kind, stall, window = line.split()
+            hint = ""
+            if e.errno == errno.EINVAL and int(window) % 2_000_000:
+                hint = (" (without CAP_SYS_RESOURCE the kernel takes only windows of "
+                        "2, 4, 6, 8 or 10 s)")
+            raise TriggerError(f"{path}: PSI trigger {line.strip()!r} refused: "
+                               f"{e.strerror}{hint}") from None
+        kind, stall, window = line.split()
+        share = 100 * int(stall) / int(window)
+        return cls("pressure", f"PSI {kind} {share:g}% of {int(window) / 1e6:g} s on {path}",
+                   fd, EPOLLPRI, path=path)
+
+    def fired(self, events: int) -> str | None:
+        if events & EPOLLERR:
+            raise TriggerGone(f"{self.path}: the cgroup is gone")
+        if not events & EPOLLPRI:
+            return None
+        try:
+            figures = os.pread(self.fd, 256, 0).decode("ascii", "replace")
+        except OSError:
+            figures = ""
+        kind = self.what.split()[1]
+        line = next((x for x in figures.splitlines() if x.startswith(kind)), "")
+        avg10 = next((w for w in line.split() if w.startswith("avg10=")), "")
+        return f"{self.what}: fired ({kind} {avg10 or 'avg10=?'})"
+
+
+@dataclass
+class V1EventSource(Source):
+    """An eventfd registered through a v1 cgroup's ``cgroup.event_control``."""
+
+    cgroup_dir: str = ""
+    inode: int = 0
+
+    @staticmethod
+    def register(cgroup_dir: str, filename: str, args: str) -> int:
+        """A new eventfd signalled on ``filename``'s event with ``args``."""
+        target = os.path.join(cgroup_dir, filename)
+        try:
+            file_fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise TriggerError(f"{target}: {e.strerror}") from None
+        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            with open(os.path.join(cgroup_dir, "cgroup.event_control"), "w") as f:
+                f.write(f"{event_fd} {file_fd} {args}")
+        except OSError as e:
+            os.close(event_fd)
+            raise TriggerError(f"{target}: cannot register for events: {e.strerror}") from None
+        finally:
+            os.close(file_fd)  # the kernel holds its own reference
+        return event_fd
+
+    def _consume(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self.fd, 8)
+        try:
+            if os.stat(self.cgroup_dir).st_ino != self.inode:
+                raise TriggerGone(f"{self.cgroup_dir}: removed and made again")
+        except FileNotFoundError:
+            raise TriggerGone(f"{self.cgroup_dir}: the cgroup is gone") from None
+
+
+@dataclass
+class PressureLevelSource(V1EventSource):
+    @classmethod
+    def open(cls, cgroup_dir: str, inode: int, level: str = "critical") -> PressureLevelSource:
+        fd = cls.register(cgroup_dir, "memory.pressure_level", level)
+        return cls("pressure", f"memory.pressure_level {level} on {cgroup_dir}", fd, EPOLLIN,
+                   cgroup_dir=cgroup_dir, inode=inode)
+
+    def fired(self, events: int) -> str | None:
+        self._consume()
+        return f"{self.what}: reclaim is failing"
+
+
+@dataclass
+class MarginSource(V1EventSource):
+    """The working set within ``percent`` of a v1 memory cgroup's limit."""
+
+    percent: float = 5.0
+    limit: int = 0
+    _refresh_at: float = field(default=0.0, repr=False)
+
+    @classmethod
+    def open(cls, cgroup_dir: str, inode: int, percent: float) -> MarginSource:
+        limit = _read_limit(cgroup_dir)
+        src = cls("margin", f"working set within {percent:g}% of the limit of {cgroup_dir}",
+                  -1, EPOLLIN, cgroup_dir=cgroup_dir, inode=inode, percent=percent, limit=limit)
+        src.fd = cls.register(cgroup_dir, "memory.usage_in_bytes", str(src.threshold))
+        src._refresh_at = time.monotonic() + LIMIT_REFRESH_S
+        src.next_poll = time.monotonic()  # usage may be above the margin already
+        return src
+
+    @property
+    def threshold(self) -> int:
+        return int(self.limit * (1 - self.percent / 100))
+
+    def rearm(self) -> bool:
+        """Re-read the limit; a changed limit gets a new usage threshold (a
+        new eventfd: the old registration ends when its eventfd is closed).
+        True when ``fd`` changed."""
+        self._refresh_at = time.monotonic() + LIMIT_REFRESH_S
+        limit = _read_limit(self.cgroup_dir)
+        if limit == self.limit:
+            return False
+        self.limit = limit
+        fd = self.register(self.cgroup_dir, "memory.usage_in_bytes", str(self.threshold))
+        self.close()
+        self.fd = fd
+        self.next_poll = time.monotonic()
+        return True
+
+    @property
+    def refresh_due(self) -> float:
+        return self._refresh_at
+
+    def fired(self, events: int) -> str | None:
+        self._consume()
+        return self.poll()
+
+    def poll(self) -> str | None:
+        """Read usage, working set and limit; poll on while usage is above
+        the threshold, stop (the eventfd wakes us) once it is below."""
+        self.next_poll = None
+        if self.limit >= V1_UNLIMITED:
+            return None
+        try:
+            usage = _read_int(self.cgroup_dir, "memory.usage_in_bytes")
+            stat = _read_stat(self.cgroup_dir)
+        except FileNotFoundError:
+            raise TriggerGone(f"{self.cgroup_dir}: the cgroup is gone") from None
+        except (OSError, ParseError):
+            return None
+        if usage < self.threshold:
+            return None
+        self.next_poll = time.monotonic() + MARGIN_POLL_S
+        working = usage - stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        if working < self.threshold:
+            return None
+        mib = 1 << 20
+        return (f"working set {working / mib:.1f} MiB (usage {usage / mib:.1f} MiB) is within "
+                f"{self.percent:g}% of the limit {self.limit / mib:.1f} MiB")
+
+
+def _read_int(cgroup_dir: str, name: str) -> int:
+    with open(os.path.join(cgroup_dir, name), "rb") as f:
+        return int(f.read())
+
+
+def _read_limit(cgroup_dir: str) -> int:
+    try:
+        with open(os.path.join(cgroup_dir, "memory.limit_in_bytes"), "rb") as f:
+            return parse_limit(f.read(), "memory.limit_in_bytes", V1_UNLIMITED)
+    except (OSError, ParseError) as e:
+        raise TriggerError(f"{cgroup_dir}: cannot read its limit: {e}") from None
+
+
+def _read_stat(cgroup_dir: str) -> dict[str, int]:
+    with open(os.path.join(cgroup_dir, "memory.stat"), "rb") as f:
+        return parse_flat_keyed(f.read(), "memory.stat")

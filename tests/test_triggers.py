@@ -1,0 +1,251 @@
+"""Pre-OOM triggers on the real kernel: v1 vmpressure, per-cgroup PSI through a
+cgroup2 twin, the working-set margin, and the cooldown.
+
+Every memory cgroup here is a child of the test's own memory cgroup (limit at
+most 256 MiB), every cgroup2 twin is made under this process's own cgroup2
+cgroup; all are removed afterwards; only processes the test started are
+signalled; the warden runs as a subprocess and is always stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from oomwarden.model import HierarchyKind
+from oomwarden.sources.cgroupfs import find_hierarchies
+from oomwarden.sources.fsmagic import is_cgroup_fs
+from oomwarden.sources.parse import parse_proc_cgroup
+from test_daemon import Warden, decisions, oom_control
+
+from conftest import need
+from kernelenv import ChildMemcg, MemcgFactory
+
+pytestmark = pytest.mark.kernel
+MiB = 1024 * 1024
+
+
+def watch_config(tmp_path: Path, cg: ChildMemcg, triggers: str, extra: str = "") -> Path:
+    path = tmp_path / "oomwarden.toml"
+    path.write_text(f"""
+decision_log = "{tmp_path / 'decisions.jsonl'}"
+[[watch]]
+domain = "cgroup:{cg.hierarchy_path}"
+triggers = {triggers}
+policy = "kernel"
+{extra}
+""")
+    path.chmod(0o644)
+    return path
+
+
+def wait_records(tmp_path: Path, n: int, timeout: float = 20.0) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = decisions(tmp_path)
+        if len(found) >= n:
+            return found
+        time.sleep(0.05)
+    return decisions(tmp_path)
+
+
+def test_vmpressure_critical_fires_before_the_oom(memcg_factory: MemcgFactory,
+                                                  tmp_path: Path) -> None:
+    """A v1 memory cgroup without a cgroup2 twin: 'pressure' listens to
+    memory.pressure_level at 'critical'. The test pauses the kernel's killer
+    in its own cgroup, so only the warden can end the OOM."""
+    cg = memcg_factory.create(limit_bytes=96 * MiB)
+    cg.write("memory.oom_control", "1")  # restored to 0 by the factory's cleanup
+    warden = Warden(watch_config(tmp_path, cg, '["pressure"]'))
+    try:
+        warden.wait_for("memory.pressure_level at 'critical'")
+        warden.wait_for("watching 1 memory cgroup (pressure)")
+        grower = cg.start_grower(200)
+        line = warden.wait_for("pressure: killed pid")
+        assert f"pid {grower.pid} " in line
+        assert grower.proc.wait(timeout=10) == -9
+    finally:
+        assert warden.stop() == 0
+    (record,) = wait_records(tmp_path, 1)
+    assert record["trigger"] == "pressure"
+    assert "memory.pressure_level critical" in str(record["event_detail"])
+    assert oom_control(cg)["oom_kill"] == 0
+
+
+def test_margin_kills_before_the_limit_and_ignores_page_cache(
+        memcg_factory: MemcgFactory, tmp_path: Path) -> None:
+    """Page cache filling the cgroup up to its limit is no reason to kill (the
+    working set stays small); a process whose own memory crosses the margin is."""
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    data = tmp_path / "cache.bin"
+    with open(data, "wb") as f:
+        f.write(os.urandom(MiB) * 200)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(data, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    warden = Warden(watch_config(tmp_path, cg, '["margin"]', "margin_percent = 20"))
+    reader = None
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin)")
+        reader = subprocess.Popen(
+            [sys.executable, "-c",
+             f"import os\nopen({str(cg.path / 'cgroup.procs')!r}, 'w')"
+             ".write(str(os.getpid()))\n"
+             f"fd = os.open({str(data)!r}, os.O_RDONLY)\n"
+             "while os.read(fd, 1 << 20): pass\nprint('read', flush=True)\n"
+             "import time; time.sleep(60)"],
+            stdout=subprocess.PIPE)
+        assert reader.stdout is not None and reader.stdout.readline().strip() == b"read"
+        usage = int(cg.read("memory.usage_in_bytes"))
+        assert usage > 110 * MiB, usage  # page cache up to the limit
+        time.sleep(1.0)  # the margin source polls every 0.1 s while above it
+        assert reader.poll() is None and decisions(tmp_path) == []
+        hog = cg.start_hog(110)  # anon: the working set crosses 80 % of 128 MiB
+        line = warden.wait_for("margin: killed pid")
+        assert f"pid {hog.pid} " in line and hog.proc.wait(timeout=10) == -9
+        assert reader.poll() is None
+    finally:
+        if reader is not None:
+            reader.kill()
+            reader.wait(timeout=10)
+            if reader.stdout is not None:
+                reader.stdout.close()
+        assert warden.stop() == 0
+    (record,) = wait_records(tmp_path, 1)
+    assert record["trigger"] == "margin" and "working set" in str(record["event_detail"])
+    times = record["time_ns"]
+    assert isinstance(times, dict)
+    assert times["event"] <= times["decided"] <= times["signal"] <= times["exit"] \
+        <= times["done"]
+    assert isinstance(record["freed_bytes"], int) and record["freed_bytes"] >= 90 * MiB
+    memory = record["memory_bytes"]
+    assert isinstance(memory, dict) and memory["before"] - memory["after"] >= 80 * MiB
+
+
+def test_memory_gone_ends_the_cooldown_early(memcg_factory: MemcgFactory,
+                                             tmp_path: Path) -> None:
+    """cooldown_s = 60, yet a second process crossing the margin right after
+    the first kill is killed at once: the first victim's memory is gone."""
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    warden = Warden(watch_config(tmp_path, cg, '["margin"]',
+                                 "margin_percent = 20\ncooldown_s = 60"))
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin)")
+        # growers: killed while they still grow, they never say "ready"
+        first = cg.start_grower(110)
+        warden.wait_for(f"killed pid {first.pid} ")
+        second = cg.start_grower(110)
+        warden.wait_for(f"killed pid {second.pid} ", timeout=10)
+    finally:
+        assert warden.stop() == 0
+    assert len(wait_records(tmp_path, 2)) == 2
+
+
+def test_a_dry_run_logs_once_per_cooldown(memcg_factory: MemcgFactory,
+                                          tmp_path: Path) -> None:
+    """Above the margin in a dry run nothing is killed, so nothing frees the
+    memory: the cooldown keeps the log to one decision, not one per poll."""
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    warden = Warden(watch_config(tmp_path, cg, '["margin"]',
+                                 "margin_percent = 20\ncooldown_s = 30"), "--dry-run")
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin)")
+        hog = cg.start_hog(110)
+        warden.wait_for(f"would kill pid {hog.pid} ")
+        time.sleep(1.5)  # 15 polls above the margin
+        assert hog.proc.poll() is None
+    finally:
+        assert warden.stop() == 0
+    assert len(decisions(tmp_path)) == 1
+
+
+@pytest.fixture
+def twin(memcg_factory: MemcgFactory) -> Iterator[tuple[ChildMemcg, Path]]:
+    """A v1 child memcg and its cgroup2 twin: the same path in the cgroup2
+    hierarchy, made below this process's own cgroup2 cgroup (only the
+    directories made here are removed)."""
+    unified = next((h for h in find_hierarchies()
+                    if h.kind is HierarchyKind.V2 and h.verified), None)
+    need(unified is not None, "no verified cgroup2 mount")
+    assert unified is not None
+    _memcg, own_v2 = parse_proc_cgroup(Path("/proc/self/cgroup").read_bytes())
+    cg = memcg_factory.create(limit_bytes=64 * MiB)
+    need(own_v2 is not None and cg.hierarchy_path.startswith(own_v2.rstrip("/") + "/"),
+         "the v1 child's path is not below this process's cgroup2 cgroup")
+    mount = Path(unified.mount_point)
+    made: list[Path] = []
+    path = mount
+    for part in cg.hierarchy_path.strip("/").split("/"):
+        path = path / part
+        if not path.exists():
+            path.mkdir()
+            made.append(path)
+    try:
+        need(is_cgroup_fs(path, v2=True) and (path / "memory.pressure").exists(),
+             "the cgroup2 twin has no memory.pressure")
+        yield cg, path
+    finally:
+        for hog in cg.hogs:
+            with contextlib.suppress(OSError):
+                hog.proc.kill()
+        for directory in reversed(made):
+            deadline = time.monotonic() + 10
+            while directory.exists():
+                try:
+                    directory.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+def test_psi_of_the_cgroup2_twin(twin: tuple[ChildMemcg, Path], tmp_path: Path) -> None:
+    """A reader that keeps refilling its page cache in a 64 MiB memcg stalls
+    in reclaim; being in the twin too, its stalls show in the twin's
+    memory.pressure, and the warden's PSI trigger there fires."""
+    cg, twin_dir = twin
+    data = tmp_path / "big.bin"
+    with open(data, "wb") as f:
+        f.write(os.urandom(MiB) * 160)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(data, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    warden = Warden(watch_config(tmp_path, cg, '["pressure"]',
+                                 "[watch.pressure]\nsome_avg10 = 0.25\nwindow_s = 2"))
+    reader = None
+    try:
+        line = warden.wait_for("watching 1 memory cgroup (pressure)")
+        assert "pressure_level" not in "\n".join(warden.lines), line
+        reader = subprocess.Popen(
+            [sys.executable, "-c",
+             "import os, time\n"
+             f"open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+             f"open({str(twin_dir / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+             "end = time.monotonic() + 30\n"
+             "while time.monotonic() < end:\n"
+             f"    fd = os.open({str(data)!r}, os.O_RDONLY)\n"
+             "    while os.read(fd, 1 << 20): pass\n"
+             "    os.close(fd)\n"])
+        killed = warden.wait_for("pressure: killed pid", timeout=30)
+        assert f"pid {reader.pid} " in killed
+        assert reader.wait(timeout=10) == -9
+    finally:
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+            reader.wait(timeout=10)
+        assert warden.stop() == 0
+    (record,) = wait_records(tmp_path, 1)
+    assert record["trigger"] == "pressure"
+    assert "PSI some" in str(record["event_detail"])
+    assert str(twin_dir) in str(record["event_detail"])
