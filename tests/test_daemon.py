@@ -31,8 +31,10 @@ MiB = 1024 * 1024
 
 class Warden:
     def __init__(self, config: Path, *extra: str) -> None:
+        self.state_file = config.parent / "paused.json"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config), *extra],
+            [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
+             "--state-file", str(self.state_file), *extra],
             stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self._seen = 0
@@ -208,6 +210,72 @@ def test_sigkill_the_warden_mid_oom_the_kernel_takes_over(
         assert oom_control(cg)["oom_kill_disable"] == 0 and oom_control(cg)["oom_kill"] >= 1
     finally:
         warden.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out.extend(int(x) for x in f.read().split())
+    return out
+
+
+def test_warden_and_watchdog_killed_together_then_restore(
+    cg: ChildMemcg, tmp_path: Path
+) -> None:
+    """A SIGKILL of the whole unit takes the watchdog too: the state file
+    names the paused cgroup, and `oomwarden restore` (ExecStopPost=) gives the
+    kernel its killer back; a clean exit leaves no state file behind."""
+    warden = Warden(config(tmp_path, cg))
+    try:
+        warden.wait_for("watching 1 memory cgroup")
+        state = json.loads(warden.state_file.read_text())
+        assert state["cgroups"] == [{"dir": str(cg.path), "inode": cg.path.stat().st_ino}]
+        assert oom_control(cg)["oom_kill_disable"] == 1
+        (watchdog,) = _children(warden.proc.pid)
+        os.kill(watchdog, signal.SIGKILL)  # the watchdog first: it cannot restore
+        warden.proc.kill()
+        warden.proc.wait(timeout=5)
+        time.sleep(0.2)
+        assert oom_control(cg)["oom_kill_disable"] == 1  # nobody restored it
+        done = subprocess.run([sys.executable, "-m", "oomwarden.cli", "restore",
+                               "--state-file", str(warden.state_file)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert f"restored the kernel's OOM killer in {cg.path}" in done.stderr
+        assert oom_control(cg)["oom_kill_disable"] == 0
+        assert not warden.state_file.exists()
+        again = subprocess.run([sys.executable, "-m", "oomwarden.cli", "restore",
+                                "--state-file", str(warden.state_file)],
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert again.returncode == 0 and "nothing to restore" in again.stderr
+    finally:
+        warden.stop()
+    clean = Warden(config(tmp_path, cg))
+    try:
+        clean.wait_for("watching 1 memory cgroup")
+        assert clean.state_file.exists()
+    finally:
+        assert clean.stop() == 0
+    assert not clean.state_file.exists() and oom_control(cg)["oom_kill_disable"] == 0
+
+
+def test_restore_refuses_a_garbled_state_file_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "paused.json"
+    for text in ("{", '{"version": 1, "cgroups": [{"dir": "relative", "inode": 1}]}',
+                 '{"version": 2, "cgroups": []}', "[]"):
+        bad.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "oomwarden.cli", "restore",
+                               "--state-file", str(bad)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, text
+        assert done.stderr.strip().splitlines() == [
+            f"oomwarden: error: {bad}: not a state file written by oomwarden"], text
+    bad.write_text(json.dumps({"version": 1, "cgroups": [{"dir": str(tmp_path), "inode": 1}]}))
+    done = subprocess.run([sys.executable, "-m", "oomwarden.cli", "restore",
+                           "--state-file", str(bad)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "not on a cgroup v1 filesystem" in done.stderr
 
 
 def test_threshold_dry_run_on_the_system(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from oomwarden.policy.registry import load_policy
 from oomwarden.sources.procfs import ReadOptions, with_details
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.units import fmt_bytes
+from oomwarden.watchdog import DEFAULT_STATE_FILE, StateError, restore_state
 
 EXIT_USAGE = 2
 #: History window for policies that rank by growth: long enough to see a leak
@@ -145,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--dry-run", action="store_true",
                     help="decide and log, but never pause the kernel's killer and never "
                     "signal or delete anything")
+    rn.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
+                    help="where to list the cgroups whose OOM killer the warden paused, for "
+                    f"`oomwarden restore` (default {DEFAULT_STATE_FILE})")
+    rs = sub.add_parser(
+        "restore",
+        help="give the kernel its OOM killer back in the cgroups a dead warden paused",
+        description="Read the state file of a warden that was killed (with its "
+        "watchdog), turn the kernel's OOM killer back on in every cgroup it lists that "
+        "still exists, and remove the file. Nothing to do without a state file. For "
+        "systemd's ExecStopPost=.",
+    )
+    rs.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
+                    help=f"the state file (default {DEFAULT_STATE_FILE})")
     return parser
 
 
@@ -153,10 +167,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in summarize(config):
         sys.stderr.write(f"oomwarden: {line}\n")
     warden = warden_from_config(config, dry_run=args.dry_run)
+    warden.state_file = args.state_file
     if args.config:
         path = args.config
         warden.reload = lambda: warden_from_config(load_config(path), dry_run=args.dry_run)
     return warden.run()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    try:
+        restored, skipped = restore_state(args.state_file)
+    except StateError as e:
+        raise OomwardenError(str(e)) from None
+    for directory in restored:
+        sys.stderr.write(f"oomwarden: restored the kernel's OOM killer in {directory}\n")
+    for why in skipped:
+        sys.stderr.write(f"oomwarden: skipped {why}\n")
+    if not restored and not skipped:
+        sys.stderr.write(f"oomwarden: nothing to restore ({args.state_file} does not exist: "
+                         "the last warden exited cleanly)\n")
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -345,6 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check_config(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "restore":
+            return cmd_restore(args)
     except OomwardenError as e:
         sys.stderr.write(f"oomwarden: error: {e}\n")
         return EXIT_USAGE

@@ -79,6 +79,7 @@ from oomwarden.triggers import (
     TriggerError,
     TriggerGone,
 )
+from oomwarden.watchdog import DEFAULT_STATE_FILE, remove_state, restore, write_state
 
 #: How often a cgroup handed to the kernel is checked for the end of its OOM.
 HANDBACK_POLL_S = 0.1
@@ -265,6 +266,9 @@ class Warden:
     _next_ping: float = 0.0
     _exit_code: int = 0
     _epoll: select.epoll | None = None
+    #: Lists the paused cgroups for ``oomwarden restore`` (None: none kept).
+    state_file: str | None = DEFAULT_STATE_FILE
+    _state_written: bool = False
     #: fd -> what it stands for: None (the signal pipe), a watch (its ``oom``
     #: eventfd), or (owner, source).
     _fds: dict[int, Any] = field(default_factory=dict)
@@ -289,9 +293,11 @@ class Warden:
             to_pause = [w for w in self.watches
                         if w.event_fd >= 0 and not (self.dry_run or w.spec.dry_run)]
             if to_pause:
-                # The watchdog is armed *before* the first cgroup is paused:
-                # from the first write on, a dead warden is covered.
+                # The watchdog is armed and the state file written *before*
+                # the first cgroup is paused: from the first write on, a dead
+                # warden is covered.
                 self._arm_watchdog([w.fs_path for w in to_pause])
+                self._write_state([(w.fs_path, w.inode) for w in to_pause])
                 for w in to_pause:
                     self._write_disable(w, "1")
                     w.paused = True
@@ -313,6 +319,17 @@ class Warden:
         if line.strip() != b"watching":
             raise DaemonError("the watchdog did not start: the kernel's killer is left in "
                               "charge")
+
+    def _write_state(self, cgroups: list[tuple[str, int]]) -> None:
+        if self.state_file is None:
+            return
+        try:
+            write_state(self.state_file, cgroups)
+            self._state_written = True
+        except OSError as e:
+            self._warn_once("state", f"cannot write the state file {self.state_file} "
+                            f"({e.strerror}): if the warden and its watchdog are killed "
+                            "together, the paused cgroups stay paused until restored by hand")
 
     @staticmethod
     def _write_disable(w: _Watch, value: str) -> None:
@@ -938,6 +955,9 @@ class Warden:
                 w.paused = False
             _close_watch(w)
         self.watches.clear()
+        if self._state_written and self.state_file is not None:
+            remove_state(self.state_file)
+            self._state_written = False
         for sysw in self._systems:
             for src in sysw.sources:
                 src.close()
@@ -1015,12 +1035,7 @@ def restore_subtree(fs_path: str) -> None:
     """oom_kill_disable=0 on a cgroup and every cgroup below it: a child made
     while its parent was paused inherits the setting, and restoring the parent
     does not reset it."""
-    for dirpath, _dirs, files in os.walk(fs_path):
-        if "memory.oom_control" in files:
-            with contextlib.suppress(OSError), open(
-                os.path.join(dirpath, "memory.oom_control"), "w"
-            ) as f:
-                f.write("0")
+    restore([fs_path])
 
 
 def _own_memcg() -> str | None:

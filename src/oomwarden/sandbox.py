@@ -205,7 +205,8 @@ def start_warden(cg: ChildMemcg, workdir: str, policy: str = "kernel",
                 f'domain = "cgroup:{cg.hierarchy_path}"\ntriggers = ["oom"]\n'
                 f'policy = "{policy}"\n')
     os.chmod(config, 0o644)
-    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config", config],
+    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config", config,
+                             "--state-file", os.path.join(workdir, "paused.json")],
                             stderr=subprocess.PIPE)
     assert proc.stderr is not None
     if not wait_for_line(proc.stderr.fileno(), "watching", timeout):

@@ -11,14 +11,30 @@ is gone, writes ``0`` to ``memory.oom_control`` of every cgroup it was given
 and of every cgroup below them (a child made while its parent was paused
 inherits the setting). It does nothing else, and exits after restoring (or
 when the warden, exiting cleanly, has restored everything itself and kills it).
+
+What the watchdog cannot survive is being killed together with the warden
+(systemd kills the whole unit's cgroup after a missed ``WatchdogSec=``). For
+that the warden also writes a **state file** (default
+``/run/oomwarden/paused.json``) listing the cgroups it paused, before the
+first pause, and removes it on a clean exit; ``oomwarden restore`` (the
+unit's ``ExecStopPost=``) reads it and restores them, see :func:`restore_state`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import signal
 import sys
+
+from oomwarden.sources.fsmagic import CGROUP_SUPER_MAGIC, fs_magic
+
+#: Where the warden lists the cgroups it paused (the unit's RuntimeDirectory).
+DEFAULT_STATE_FILE = "/run/oomwarden/paused.json"
+#: A state file larger than this is not one the warden wrote.
+MAX_STATE_BYTES = 1 << 20
 
 
 def restore(dirs: list[str]) -> int:
@@ -34,6 +50,78 @@ def restore(dirs: list[str]) -> int:
             except OSError:
                 failed += 1  # the cgroup is gone: nothing to restore
     return failed
+
+
+def write_state(path: str, cgroups: list[tuple[str, int]]) -> None:
+    """List the cgroups about to be paused, as (directory, inode), atomically
+    (a new file renamed over the old one)."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    state = {"version": 1, "pid": os.getpid(),
+             "cgroups": [{"dir": d, "inode": inode} for d, inode in cgroups]}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, json.dumps(state).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def remove_state(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class StateError(Exception):
+    """The state file cannot be read or is not one the warden wrote."""
+
+
+def restore_state(path: str) -> tuple[list[str], list[str]]:
+    """Restore the kernel's killer in every cgroup a state file lists, and
+    remove the file. Returns (restored directories, skipped "dir: why").
+    A cgroup is written only if it is still the same one (its inode) on a
+    cgroup v1 filesystem (statfs, not the path)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return [], []
+    except OSError as e:
+        raise StateError(f"{path}: {e.strerror}") from None
+    try:
+        data = os.read(fd, MAX_STATE_BYTES + 1)
+    except OSError as e:
+        raise StateError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        if len(data) > MAX_STATE_BYTES:
+            raise ValueError
+        state = json.loads(data)
+        entries = [(str(e["dir"]), int(e["inode"])) for e in state["cgroups"]]
+        if state.get("version") != 1 or not all(os.path.isabs(d) for d, _ in entries):
+            raise ValueError
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise StateError(f"{path}: not a state file written by oomwarden") from None
+    restored: list[str] = []
+    skipped: list[str] = []
+    for directory, inode in entries:
+        try:
+            if fs_magic(directory) != CGROUP_SUPER_MAGIC:
+                skipped.append(f"{directory}: not on a cgroup v1 filesystem")
+                continue
+            if os.stat(directory).st_ino != inode:
+                skipped.append(f"{directory}: another cgroup now")
+                continue
+        except OSError:
+            skipped.append(f"{directory}: gone")
+            continue
+        if restore([directory]):
+            skipped.append(f"{directory}: could not write every memory.oom_control")
+        else:
+            restored.append(directory)
+    remove_state(path)
+    return restored, skipped
 
 
 def main(argv: list[str]) -> int:
