@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest vmtest bench clean
 
 # Debian's own python3 needs the python3-venv package for `-m venv`; install it
 # only when venv creation fails (this machine kind's Python has it built in).
@@ -27,10 +27,16 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+# The cgroup v2 tests (tests/v2) in a small qemu guest, once per run; it builds
+# the guest into .cache/vm on first use and installs qemu if it is missing
+# (docs/vm-lane.md). It runs before the host's pytest, whose summary stays last.
+vmtest: $(STAMP)
+	$(BIN)/python tests/vm/lane.py
+
+test: lint typecheck vmtest pytest
 
 bench: $(STAMP)
 	$(BIN)/python bench/snapshot.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis .cache/vm
