@@ -249,3 +249,89 @@ def test_psi_of_the_cgroup2_twin(twin: tuple[ChildMemcg, Path], tmp_path: Path) 
     assert record["trigger"] == "pressure"
     assert "PSI some" in str(record["event_detail"])
     assert str(twin_dir) in str(record["event_detail"])
+
+
+def _policy(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "handler.py"
+    path.write_text(body)
+    path.chmod(0o644)
+    return str(path)
+
+
+def test_a_handler_that_frees_nothing_is_followed_by_the_per_task_selection(
+        memcg_factory: MemcgFactory, tmp_path: Path) -> None:
+    """DESIGN.md: if a handler's actions free nothing, the per-task selection
+    runs as the fallback. The handler runs a hook that frees nothing; the
+    policy's own selection (the kernel's badness) then kills the hog."""
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    policy = _policy(tmp_path, "from oomwarden.policy import DEFAULT, RunHook\n"
+                               "def handle(event, ctx):\n"
+                               "    return [RunHook(('/bin/true',), reason='frees nothing')]\n"
+                               "def evaluate(task, ctx):\n    return DEFAULT\n")
+    path = watch_config(tmp_path, cg, '["margin"]', "margin_percent = 20")
+    path.write_text(path.read_text().replace('policy = "kernel"', f'policy = "{policy}"'))
+    warden = Warden(path)
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin)")
+        grower = cg.start_grower(110)
+        line = warden.wait_for("margin: killed pid")
+        assert f"pid {grower.pid} " in line and grower.proc.wait(timeout=10) == -9
+    finally:
+        assert warden.stop() == 0
+    first, second = wait_records(tmp_path, 2)[:2]
+    assert [a["action"] for a in first["actions"]] == ["run_hook"]  # type: ignore[union-attr]
+    assert first["fallback"] is None
+    assert "freed nothing" in str(second["fallback"])
+    assert second["victim"]["pid"] == grower.pid  # type: ignore[index]
+
+
+def test_a_handler_that_frees_memory_kills_nothing(memcg_factory: MemcgFactory,
+                                                   tmp_path: Path) -> None:
+    """A writer fills a tmpfs folder from inside the cgroup (its pages are
+    charged there); the handler deletes the files at the margin, the bytes
+    come back, and nobody is killed."""
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    folder = Path("/dev/shm") / f"oomwarden-test-{os.getpid()}-{time.monotonic_ns()}"
+    folder.mkdir()
+    policy = _policy(tmp_path, "import os\nfrom oomwarden.policy import DEFAULT, DeleteFiles\n"
+                               f"FOLDER = {str(folder)!r}\n"
+                               "def handle(event, ctx):\n"
+                               "    paths = tuple(sorted(e.path for e in os.scandir(FOLDER)))\n"
+                               "    return [DeleteFiles(paths)] if paths else []\n"
+                               "def evaluate(task, ctx):\n    return DEFAULT\n")
+    path = watch_config(tmp_path, cg, '["margin"]', "margin_percent = 20")
+    path.write_text(path.read_text().replace('policy = "kernel"', f'policy = "{policy}"'))
+    warden = Warden(path)
+    writer = None
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin)")
+        writer = subprocess.Popen(
+            [sys.executable, "-c",
+             "import os, time\n"
+             f"open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+             "block = b'x' * (1 << 20)\n"
+             "for i in range(110):\n"
+             f"    with open(os.path.join({str(folder)!r}, f'f{{i:03}}'), 'wb') as f:\n"
+             "        f.write(block)\n"
+             "    time.sleep(0.01)\n"
+             "print('written', flush=True)\ntime.sleep(60)\n"],
+            stdout=subprocess.PIPE)
+        assert writer.stdout is not None
+        assert writer.stdout.readline().strip() == b"written"
+        time.sleep(0.5)
+        assert writer.poll() is None
+    finally:
+        if writer is not None:
+            writer.kill()
+            writer.wait(timeout=10)
+            if writer.stdout is not None:
+                writer.stdout.close()
+        assert warden.stop() == 0
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    records = decisions(tmp_path)
+    assert records, "the margin never fired"
+    assert all(r["fallback"] is None and r["victim"] is None for r in records)
+    freed = [r["freed_bytes"] for r in records]
+    assert all(isinstance(b, int) and b > 0 for b in freed), freed

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import select
@@ -57,7 +58,7 @@ from typing import Any, TextIO
 
 from oomwarden.actions.executor import Executor, Result
 from oomwarden.config import Config, Pressure, Threshold
-from oomwarden.decision import Decision
+from oomwarden.decision import Decision, Domain
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot
@@ -728,25 +729,20 @@ class Warden:
             return
         # The cgroup's tasks are paused while the warden decides: the
         # decision gets at most EVENT_BUDGET_S whatever the configured budget.
-        decision = decide(snapshot, cgroup_domain(snapshot, cg), w.spec.policy,
-                          history=self._history_for(snapshot, w.spec.policy),
-                          event=Event("oom", w.name), guard=signal_guard,
-                          budget_s=min(self.budget_s, EVENT_BUDGET_S))
-        decided_ns = time.time_ns()
         # No SIGTERM grace here: tasks waiting in a v1 OOM sleep killable, a
         # SIGTERM would only wait; hooks get a short leash for the same reason.
         executor = Executor(dry_run=dry, protect=frozenset(self._own_pids()),
                             hook_timeout_s=EVENT_BUDGET_S, domain=("v1", w.path))
+        detail = ("memory.oom_control: under_oom (the kernel's killer paused)" if w.paused
+                  else "memory.oom_control: OOM notification")
         try:
-            results = executor.run(decision.actions, self._hook_env(decision))
+            decision, results = self._decide_execute(
+                w, snapshot, cgroup_domain(snapshot, cg), Event("oom", w.name, detail),
+                executor, budget_s=min(self.budget_s, EVENT_BUDGET_S), event_ns=event_ns,
+                usage_before=usage_before)
         except Exception as e:
             self._hand_over(w, f"the executor failed: {e}")
             return
-        w.decisions += 1
-        self._record(w.name, decision, results, (event_ns, decided_ns, time.time_ns()),
-                     dry=dry, usage=(usage_before, _usage(w)),
-                     detail="memory.oom_control: under_oom (the kernel's killer paused)"
-                     if w.paused else "memory.oom_control: OOM notification")
         if dry:
             return
         w.cooldown.start(results, 0.0)
@@ -783,23 +779,57 @@ class Warden:
                 return
             domain = cgroup_domain(snapshot, cg)
             confine = ("v1", owner.path)
-        decision = decide(snapshot, domain, policy,
-                          history=self._history_for(snapshot, policy),
-                          event=Event(trigger, owner.name, detail), guard=signal_guard,
-                          budget_s=self.budget_s)
-        decided_ns = time.time_ns()
         executor = Executor(dry_run=dry, sigterm_grace_s=owner.spec.sigterm_grace_s,
                             term_only=term_only, protect=frozenset(self._own_pids()),
                             domain=confine)
-        results = executor.run(decision.actions, self._hook_env(decision))
-        owner.decisions += 1
-        after = _available() if isinstance(owner, _System) else _usage(owner)
-        self._record(owner.name, decision, results, (event_ns, decided_ns, time.time_ns()),
-                     dry=dry, usage=(usage_before, after), detail=detail)
+        _decision, results = self._decide_execute(
+            owner, snapshot, domain, Event(trigger, owner.name, detail), executor,
+            budget_s=self.budget_s, event_ns=event_ns, usage_before=usage_before)
         if dry:
             owner.cooldown.start_dry()
         else:
             owner.cooldown.start(results, lag)
+
+    def _decide_execute(self, owner: _Watch | _System, snapshot: Snapshot, domain: Domain,
+                        event: Event, executor: Executor, *, budget_s: float, event_ns: int,
+                        usage_before: int | None) -> tuple[Decision, list[Result]]:
+        """Decide, act, log. A handler whose actions freed nothing (no kill,
+        no bytes, the domain's memory no better) is followed by the per-task
+        selection of the same policy (DESIGN.md: the fallback), decided, acted
+        on and logged as a second record. Returns the last decision and every
+        result."""
+        policy = owner.spec.policy
+        history = self._history_for(snapshot, policy)
+        decision = decide(snapshot, domain, policy, history=history, event=event,
+                          guard=signal_guard, budget_s=budget_s)
+        decided_ns = time.time_ns()
+        results = executor.run(decision.actions, self._hook_env(decision))
+        owner.decisions += 1
+        after = self._memory(owner)
+        dry = executor.dry_run
+        self._record(owner.name, decision, results, (event_ns, decided_ns, time.time_ns()),
+                     dry=dry, usage=(usage_before, after), detail=event.detail)
+        handled = policy.handle is not None and decision.victim is None and decision.actions
+        if not handled or dry or _progress(results, usage_before, after,
+                                           system=isinstance(owner, _System)):
+            return decision, results
+        event_ns = time.time_ns()
+        fallback = decide(snapshot, domain, dataclasses.replace(policy, handle=None),
+                          history=history, event=event, guard=signal_guard,
+                          budget_s=budget_s)
+        why = f"the handler of {policy.name} freed nothing: its per-task selection decided"
+        fallback = dataclasses.replace(
+            fallback, fallback=f"{why}; {fallback.fallback}" if fallback.fallback else why)
+        decided_ns = time.time_ns()
+        more = executor.run(fallback.actions, self._hook_env(fallback))
+        owner.decisions += 1
+        self._record(owner.name, fallback, more, (event_ns, decided_ns, time.time_ns()),
+                     dry=dry, usage=(after, self._memory(owner)), detail=event.detail)
+        return fallback, results + more
+
+    @staticmethod
+    def _memory(owner: _Watch | _System) -> int | None:
+        return _available() if isinstance(owner, _System) else _usage(owner)
 
     @staticmethod
     def _read_options(policy: Policy) -> ReadOptions:
@@ -1057,6 +1087,22 @@ def _gone(pid: int, start_ticks: int) -> bool:
     except (OSError, OomwardenError):
         return True
     return info.start_ticks != start_ticks or info.state in ("Z", "X")
+
+
+#: A handler made progress if the domain's memory got at least this much better.
+PROGRESS_BYTES = 1 << 20
+
+
+def _progress(results: list[Result], before: int | None, after: int | None, *,
+              system: bool) -> bool:
+    """Whether actions freed anything: a kill, bytes deleted, or the domain's
+    memory (usage, or the system's MemAvailable) better by PROGRESS_BYTES."""
+    if any(r.ok and (r.killed or (r.freed_bytes or 0) > 0) for r in results):
+        return True
+    if before is None or after is None:
+        return False
+    gained = after - before if system else before - after
+    return gained >= PROGRESS_BYTES
 
 
 def _usage(w: _Watch) -> int | None:
