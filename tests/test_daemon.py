@@ -418,23 +418,63 @@ def test_it_tells_systemd_it_is_ready(cg: ChildMemcg, tmp_path: Path) -> None:
 def test_actions_that_do_not_end_the_oom_hand_it_to_the_kernel(
     cg: ChildMemcg, tmp_path: Path
 ) -> None:
-    """A handler whose action "succeeds" but frees nothing must not leave the
-    cgroup paused: the warden hands the OOM to the kernel."""
+    """A handler whose kill succeeds but frees too little (a small sleeper)
+    must not leave the cgroup paused: the warden hands the OOM to the kernel."""
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\n"
+         f"open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+         "print('in', flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE)
+    policy = tmp_path / "small.py"
+    policy.write_text("from oomwarden.policy import KillProcess\n\n"
+                      "def handle(event, ctx):\n"
+                      f"    t = next(t for t in ctx.tasks if t.pid == {sleeper.pid})\n"
+                      "    return [KillProcess(t.pid, t.start_ticks, 'small')]\n")
+    policy.chmod(0o644)
+    try:
+        assert sleeper.stdout is not None and sleeper.stdout.readline().strip() == b"in"
+        big, favoured = scene(cg)
+        warden = Warden(config(tmp_path, cg, str(policy)))
+        try:
+            warden.wait_for("watching 1 memory cgroup")
+            grower = cg.start_grower(GROWER_MIB)
+            warden.wait_for("the actions did not end the OOM")
+            dead = wait_dead([big, favoured, grower], timeout=10)
+            assert dead and oom_control(cg)["oom_kill"] >= 1  # the kernel resolved it
+        finally:
+            assert warden.stop() == 0
+        assert sleeper.wait(timeout=5) == -9
+        assert oom_control(cg)["oom_kill_disable"] == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=5)
+        if sleeper.stdout is not None:
+            sleeper.stdout.close()
+
+
+def test_a_handler_freeing_nothing_and_no_selection_hands_over(
+    cg: ChildMemcg, tmp_path: Path
+) -> None:
+    """A handler whose action "succeeds" but frees nothing is followed by the
+    per-task selection; when that chooses nothing too, the kernel takes over."""
     policy = tmp_path / "noop.py"
-    policy.write_text("from oomwarden.policy import RunHook\n\n"
-                      "def handle(event, ctx):\n    return [RunHook(('/bin/true',))]\n")
+    policy.write_text("from oomwarden.policy import IGNORE, RunHook\n\n"
+                      "def handle(event, ctx):\n    return [RunHook(('/bin/true',))]\n\n"
+                      "def evaluate(task, ctx):\n    return IGNORE\n")
     policy.chmod(0o644)
     big, favoured = scene(cg)
     warden = Warden(config(tmp_path, cg, str(policy)))
     try:
         warden.wait_for("watching 1 memory cgroup")
         grower = cg.start_grower(GROWER_MIB)
-        warden.wait_for("the actions did not end the OOM")
+        warden.wait_for("the policy chose nothing; the kernel's own killer resolves")
         dead = wait_dead([big, favoured, grower], timeout=10)
         assert dead and oom_control(cg)["oom_kill"] >= 1  # the kernel resolved it
     finally:
         assert warden.stop() == 0
     assert oom_control(cg)["oom_kill_disable"] == 0
+    first, second = decisions(tmp_path)[:2]
+    assert [a["action"] for a in first["actions"]] == ["run_hook"]  # type: ignore[union-attr]
+    assert "freed nothing" in str(second["fallback"]) and second["victim"] is None
 
 
 def test_a_child_made_while_paused_is_restored_too(cg: ChildMemcg, tmp_path: Path) -> None:
