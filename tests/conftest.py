@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernelenv import ChildMemcg, MemcgFactory, own_v1_memcg_dir
+from kernelenv import ChildMemcg, MemcgFactory, TwinFactory, own_v1_memcg_dir
 
 REQUIRE_KERNEL = os.environ.get("OOMWARDEN_REQUIRE_KERNEL") == "1"
 
@@ -41,6 +41,21 @@ def memcg_factory() -> Iterator[MemcgFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture
+def twin_factory(memcg_factory: MemcgFactory) -> Iterator[TwinFactory]:
+    """Twins of child memcgs in the cgroup2 or freezer hierarchy. Torn down
+    before memcg_factory: its cleanup (which stops the processes started in
+    the memcgs) runs here first, so that the emptied twins can be removed."""
+    factory = TwinFactory(need)
+    try:
+        yield factory
+    finally:
+        try:
+            memcg_factory.cleanup()
+        finally:
+            factory.cleanup()
 
 
 @pytest.fixture

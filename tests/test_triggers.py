@@ -9,24 +9,17 @@ signalled; the warden runs as a subprocess and is always stopped.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from oomwarden.model import HierarchyKind
-from oomwarden.sources.cgroupfs import find_hierarchies
-from oomwarden.sources.fsmagic import is_cgroup_fs
-from oomwarden.sources.parse import parse_proc_cgroup
-from test_daemon import Warden, decisions, oom_control
+from test_daemon import Warden, decisions
 
-from conftest import need
-from kernelenv import ChildMemcg, MemcgFactory
+from kernelenv import ChildMemcg, MemcgFactory, TwinFactory
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024
@@ -56,11 +49,12 @@ def wait_records(tmp_path: Path, n: int, timeout: float = 20.0) -> list[dict[str
     return decisions(tmp_path)
 
 
-def test_vmpressure_critical_fires_before_the_oom(memcg_factory: MemcgFactory,
-                                                  tmp_path: Path) -> None:
+def test_vmpressure_critical_fires_at_the_limit(memcg_factory: MemcgFactory,
+                                                tmp_path: Path) -> None:
     """A v1 memory cgroup without a cgroup2 twin: 'pressure' listens to
-    memory.pressure_level at 'critical'. The test pauses the kernel's killer
-    in its own cgroup, so only the warden can end the OOM."""
+    memory.pressure_level at 'critical', which the kernel signals when
+    reclaim fails at the limit. The test pauses the kernel's killer in its
+    own cgroup, so that only the warden can end the OOM."""
     cg = memcg_factory.create(limit_bytes=96 * MiB)
     cg.write("memory.oom_control", "1")  # restored to 0 by the factory's cleanup
     warden = Warden(watch_config(tmp_path, cg, '["pressure"]'))
@@ -76,7 +70,6 @@ def test_vmpressure_critical_fires_before_the_oom(memcg_factory: MemcgFactory,
     (record,) = wait_records(tmp_path, 1)
     assert record["trigger"] == "pressure"
     assert "memory.pressure_level critical" in str(record["event_detail"])
-    assert oom_control(cg)["oom_kill"] == 0
 
 
 def test_margin_kills_before_the_limit_and_ignores_page_cache(
@@ -150,6 +143,49 @@ def test_memory_gone_ends_the_cooldown_early(memcg_factory: MemcgFactory,
     assert len(wait_records(tmp_path, 2)) == 2
 
 
+def test_a_kill_that_leaves_the_margin_crossed_waits_out_the_cooldown(
+        memcg_factory: MemcgFactory, tmp_path: Path) -> None:
+    """Most of the cgroup's memory is a tmpfs file no process holds: killing
+    a small process does not bring the working set below the margin, so the
+    cooldown (30 s) holds instead of the other small process being killed
+    next (the review's repro: both were killed 0.1 s apart)."""
+    cg = memcg_factory.create(limit_bytes=160 * MiB)
+    shm = Path("/dev/shm") / f"oomwarden-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        small = [cg.start_hog(4), cg.start_hog(4)]
+        subprocess.run(  # charged to the cgroup, held by no process once it exits
+            [sys.executable, "-c", "import os\n"
+             f"open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+             f"with open({str(shm)!r}, 'wb') as f:\n"
+             "    for _ in range(130): f.write(b'x' * (1 << 20))\n"],
+            check=True, timeout=60)
+        warden = Warden(watch_config(tmp_path, cg, '["margin"]',
+                                     "margin_percent = 20\ncooldown_s = 30"))
+        try:
+            warden.wait_for("margin: killed pid")
+            time.sleep(2.0)
+            assert sum(h.proc.poll() is None for h in small) == 1
+        finally:
+            assert warden.stop() == 0
+    finally:
+        shm.unlink(missing_ok=True)
+    assert len(decisions(tmp_path)) == 1
+
+
+def test_a_removed_cgroup_stops_its_triggers(memcg_factory: MemcgFactory,
+                                             tmp_path: Path) -> None:
+    cg = memcg_factory.create(limit_bytes=128 * MiB)
+    warden = Warden(watch_config(tmp_path, cg, '["oom", "margin"]'))
+    try:
+        warden.wait_for("watching 1 memory cgroup (margin, oom)")
+        cg.path.rmdir()
+        warden.wait_for("stopped watching: the cgroup is gone")
+        time.sleep(0.3)
+        assert warden.proc.poll() is None
+    finally:
+        assert warden.stop() == 0
+
+
 def test_a_dry_run_logs_once_per_cooldown(memcg_factory: MemcgFactory,
                                           tmp_path: Path) -> None:
     """Above the margin in a dry run nothing is killed, so nothing frees the
@@ -169,43 +205,9 @@ def test_a_dry_run_logs_once_per_cooldown(memcg_factory: MemcgFactory,
 
 
 @pytest.fixture
-def twin(memcg_factory: MemcgFactory) -> Iterator[tuple[ChildMemcg, Path]]:
-    """A v1 child memcg and its cgroup2 twin: the same path in the cgroup2
-    hierarchy, made below this process's own cgroup2 cgroup (only the
-    directories made here are removed)."""
-    unified = next((h for h in find_hierarchies()
-                    if h.kind is HierarchyKind.V2 and h.verified), None)
-    need(unified is not None, "no verified cgroup2 mount")
-    assert unified is not None
-    _memcg, own_v2 = parse_proc_cgroup(Path("/proc/self/cgroup").read_bytes())
+def twin(memcg_factory: MemcgFactory, twin_factory: TwinFactory) -> tuple[ChildMemcg, Path]:
     cg = memcg_factory.create(limit_bytes=64 * MiB)
-    need(own_v2 is not None and cg.hierarchy_path.startswith(own_v2.rstrip("/") + "/"),
-         "the v1 child's path is not below this process's cgroup2 cgroup")
-    mount = Path(unified.mount_point)
-    made: list[Path] = []
-    path = mount
-    for part in cg.hierarchy_path.strip("/").split("/"):
-        path = path / part
-        if not path.exists():
-            path.mkdir()
-            made.append(path)
-    try:
-        need(is_cgroup_fs(path, v2=True) and (path / "memory.pressure").exists(),
-             "the cgroup2 twin has no memory.pressure")
-        yield cg, path
-    finally:
-        for hog in cg.hogs:
-            with contextlib.suppress(OSError):
-                hog.proc.kill()
-        for directory in reversed(made):
-            deadline = time.monotonic() + 10
-            while directory.exists():
-                try:
-                    directory.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+    return cg, twin_factory.make(cg, "v2")
 
 
 def test_psi_of_the_cgroup2_twin(twin: tuple[ChildMemcg, Path], tmp_path: Path) -> None:

@@ -56,12 +56,12 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
-from oomwarden.actions.executor import Executor, Result
+from oomwarden.actions.executor import HOOK_TIMEOUT_S, Executor, Result
 from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.decision import Decision, Domain
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import ConfigError, OomwardenError
-from oomwarden.model import Cgroup, HierarchyKind, Snapshot
+from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
 from oomwarden.policy.api import Event, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
@@ -69,7 +69,7 @@ from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.fsmagic import is_cgroup_fs
-from oomwarden.sources.parse import parse_proc_cgroup, parse_stat
+from oomwarden.sources.parse import parse_oom_control, parse_proc_cgroup, parse_stat
 from oomwarden.sources.procfs import ReadOptions, read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.triggers import (
@@ -94,6 +94,9 @@ EVENT_BUDGET_S = 1.0
 #: After the actions, how long the OOM may take to clear before the kernel
 #: is handed the rest.
 SETTLE_S = 0.5
+#: A cgroup handed to the kernel is taken back after the kernel killed, or
+#: after it stayed out of its OOM this long.
+TAKE_BACK_QUIET_S = 1.0
 #: The exit status when the daemon had to stop on an error.
 EXIT_FAILED = 2
 #: How long the watchdog may take to say it is armed.
@@ -150,44 +153,60 @@ class SystemSpec:
 
 @dataclass
 class _Cooldown:
-    """After a kill in a domain: no other kill there until the victims'
-    memory is gone or ``seconds`` pass; a lagging trigger (PSI) also waits
-    out ``lag_until``."""
+    """After a decision in a domain, no other kill there until its effect is
+    in, or ``seconds`` pass. The effect is in when the victims' memory is gone
+    (they exited, or ``process_mrelease`` freed it) and, for the pre-OOM
+    triggers, the domain's exact conditions (margin, threshold) no longer hold
+    right after the actions: a kill that left them holding (the memory is in
+    tmpfs, or another process) waits out the whole cooldown instead of being
+    followed by one kill after another. PSI (``lag_until``) also waits one
+    window after any kill: its figures still hold the stalls from before."""
 
     seconds: float
     until: float = 0.0
     lag_until: float = 0.0
     victims: tuple[tuple[int, int], ...] = ()
     memory_gone: bool = True
+    #: The conditions no longer held after the actions.
+    resolved: bool = True
+    #: The last action was SIGTERM only (earlyoom's first level): reaching
+    #: the kill level may escalate at once.
+    term_only: bool = False
     dry: bool = False
 
-    def start(self, results: list[Result], lag_s: float) -> None:
-        kills = [r for r in results if r.ok and r.killed]
-        if not kills:
-            return
+    def start(self, results: list[Result], *, lag_s: float, resolved: bool,
+              term_only: bool = False) -> None:
         now = time.monotonic()
+        kills = [r for r in results if r.ok and r.killed]
         self.until = now + self.seconds
-        self.lag_until = now + min(lag_s, self.seconds)
+        self.lag_until = now + min(lag_s, self.seconds) if kills else now
         self.victims = tuple(v for r in kills for v in r.victims)
         self.memory_gone = all(r.exited or r.released_ns is not None for r in kills)
+        self.resolved = resolved
+        self.term_only = term_only
         self.dry = False
 
     def start_dry(self) -> None:
         """A dry run's decision: nothing exits, so the whole cooldown holds
         (the log does not repeat the same decision at every firing)."""
-        now = time.monotonic()
-        self.until = self.lag_until = now + self.seconds
+        self.until = time.monotonic() + self.seconds
         self.dry = True
 
-    def holds(self, lagging: bool) -> bool:
+    def holds(self, trigger: str, escalate: bool = False) -> bool:
         now = time.monotonic()
         if now >= self.until:
             return False
-        if (lagging or self.dry) and now < self.lag_until:
+        if self.dry:
+            return True
+        if escalate and self.term_only:
+            return False
+        if trigger == "pressure" and now < self.lag_until:
             return True
         if not self.memory_gone and all(_gone(pid, start) for pid, start in self.victims):
             self.memory_gone = True
-        return not self.memory_gone
+        if trigger == "oom":  # exact: a new event is a new OOM
+            return not self.memory_gone
+        return not (self.memory_gone and self.resolved)
 
 
 @dataclass
@@ -225,6 +244,11 @@ class _Watch:
     #: until when at most.
     recheck_at: float | None = None
     recheck_until: float = 0.0
+    recheck_event_ns: int = 0
+    #: The kernel's kill count when the OOM was handed over, and since when
+    #: the cgroup has been out of its OOM.
+    handed_kills: int | None = None
+    quiet_since: float | None = None
 
     @property
     def name(self) -> str:
@@ -529,12 +553,26 @@ class Warden:
 
     def _drop_source(self, owner: _Watch | _System, src: Source, why: str) -> None:
         assert self._epoll is not None
+        if src not in owner.sources:
+            return
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(src.fd)
         self._fds.pop(src.fd, None)
         src.close()
         owner.sources.remove(src)
         self._say(f"{owner.name}: {src.trigger} trigger stopped: {why}")
+
+    def _drop_watch(self, w: _Watch, why: str) -> None:
+        assert self._epoll is not None
+        for fd in [w.event_fd, *(src.fd for src in w.sources)]:
+            if fd >= 0 and fd in self._fds:
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+                del self._fds[fd]
+        _close_watch(w)
+        w.paused = False
+        self.watches.remove(w)
+        self._say(f"{w.name}: stopped watching: {why}")
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -653,6 +691,8 @@ class Warden:
             for src in list(w.sources):
                 if isinstance(src, MarginSource) and now >= src.refresh_due:
                     self._rearm(w, src)
+                    if src not in w.sources:
+                        continue  # dropped: its cgroup is gone
                 if src.next_poll is not None and now >= src.next_poll:
                     try:
                         detail = src.poll()
@@ -690,14 +730,20 @@ class Warden:
         except OSError:
             return
         dry = self.dry_run or w.spec.dry_run
+        if not _same_cgroup(w):
+            self._drop_watch(w, "the cgroup is gone")
+            return
         if not dry and not self._under_oom(w):
-            return  # a wake-up without an OOM (e.g. the cgroup was removed)
-        if not dry and w.cooldown.holds(lagging=False):
+            return  # a wake-up without an OOM
+        if not dry and w.handed_over:
+            return  # the kernel's killer resolves this one
+        if not dry and w.cooldown.holds("oom"):
             # The last victims' memory is not gone yet: their exit may end
             # this OOM. Look again shortly (the tasks stay paused), at most
             # for EVENT_BUDGET_S.
             if w.recheck_at is None:
                 w.recheck_until = time.monotonic() + EVENT_BUDGET_S
+                w.recheck_event_ns = event_ns
             w.recheck_at = time.monotonic() + RECHECK_S
             return
         self._handle_oom(w, event_ns)
@@ -706,12 +752,12 @@ class Warden:
         if not self._under_oom(w):
             w.recheck_at = None
             return
-        if w.cooldown.holds(lagging=False) and time.monotonic() < w.recheck_until:
+        if w.cooldown.holds("oom") and time.monotonic() < w.recheck_until:
             w.recheck_at = time.monotonic() + RECHECK_S
             return
         w.recheck_at = None
         try:
-            self._handle_oom(w, time.time_ns())
+            self._handle_oom(w, w.recheck_event_ns)
         except Exception as e:
             self._hand_over(w, f"internal error: {type(e).__name__}: {e}")
 
@@ -745,7 +791,7 @@ class Warden:
             return
         if dry:
             return
-        w.cooldown.start(results, 0.0)
+        w.cooldown.start(results, lag_s=self._lag(w), resolved=True)
         if not decision.actions or not any(r.ok for r in results):
             self._hand_over(w, "no action succeeded" if decision.actions else
                             "the policy chose nothing")
@@ -756,8 +802,7 @@ class Warden:
              term_only: bool = False) -> None:
         """A pre-OOM trigger fired: decide and act, unless the domain's
         cooldown holds."""
-        lag = (owner.spec.pressure or Pressure()).window_s if trigger == "pressure" else 0.0
-        if owner.cooldown.holds(lagging=trigger == "pressure"):
+        if owner.cooldown.holds(trigger, escalate=trigger == "threshold" and not term_only):
             return
         dry = self.dry_run or owner.dry
         event_ns = time.time_ns()
@@ -779,8 +824,14 @@ class Warden:
                 return
             domain = cgroup_domain(snapshot, cg)
             confine = ("v1", owner.path)
-        executor = Executor(dry_run=dry, sigterm_grace_s=owner.spec.sigterm_grace_s,
+        # One loop: while cgroups are paused at their limit (``oom``), nothing
+        # here may wait longer than an OOM event's own budget.
+        paused = any(w.paused for w in self.watches)
+        grace = owner.spec.sigterm_grace_s
+        executor = Executor(dry_run=dry,
+                            sigterm_grace_s=min(grace, EVENT_BUDGET_S) if paused else grace,
                             term_only=term_only, protect=frozenset(self._own_pids()),
+                            hook_timeout_s=EVENT_BUDGET_S if paused else HOOK_TIMEOUT_S,
                             domain=confine)
         _decision, results = self._decide_execute(
             owner, snapshot, domain, Event(trigger, owner.name, detail), executor,
@@ -788,7 +839,9 @@ class Warden:
         if dry:
             owner.cooldown.start_dry()
         else:
-            owner.cooldown.start(results, lag)
+            owner.cooldown.start(results, lag_s=self._lag(owner),
+                                 resolved=not self._conditions_hold(owner),
+                                 term_only=term_only)
 
     def _decide_execute(self, owner: _Watch | _System, snapshot: Snapshot, domain: Domain,
                         event: Event, executor: Executor, *, budget_s: float, event_ns: int,
@@ -826,6 +879,39 @@ class Warden:
         self._record(owner.name, fallback, more, (event_ns, decided_ns, time.time_ns()),
                      dry=dry, usage=(after, self._memory(owner)), detail=event.detail)
         return fallback, results + more
+
+    @staticmethod
+    def _lag(owner: _Watch | _System) -> float:
+        """How long PSI figures lag after a kill: the window of the watch's
+        pressure trigger (0 without one)."""
+        pressure = owner.spec.pressure
+        has_psi = any(isinstance(src, PsiSource) for src in owner.sources)
+        return (pressure or Pressure()).window_s if has_psi else 0.0
+
+    def _conditions_hold(self, owner: _Watch | _System) -> bool:
+        """Whether the domain's exact pre-OOM conditions still hold: a
+        working set within its margin, memory at a threshold level."""
+        if isinstance(owner, _System):
+            threshold = owner.spec.threshold
+            if threshold is None:
+                return False
+            try:
+                memory = read_system()
+            except OomwardenError:
+                return True
+            available = memory.mem_available if memory.mem_available is not None else 0
+            swap = (None if memory.swap_total == 0 else
+                    100.0 * memory.swap_free / memory.swap_total)
+            return threshold.level(100.0 * available / max(1, memory.mem_total),
+                                   swap) is not None
+        for src in owner.sources:
+            if isinstance(src, MarginSource):
+                try:
+                    if src.over():
+                        return True
+                except TriggerGone:
+                    return False
+        return False
 
     @staticmethod
     def _memory(owner: _Watch | _System) -> int | None:
@@ -898,21 +984,42 @@ class Warden:
         """Let the kernel's killer resolve this OOM; take it back afterwards."""
         if not w.paused:
             return
+        control = _oom_control(w)
         restore_subtree(w.fs_path)
         w.handed_over = True
+        w.handed_kills = control.oom_kill if control is not None else None
+        w.quiet_since = None
         w.recheck_at = None
         self._say(f"{w.name}: {why}; the kernel's own killer resolves this OOM")
 
     def _take_back(self) -> None:
+        """Pause the kernel's killer again once the OOM it was handed is over:
+        the kernel has killed (``oom_kill`` rose) and the cgroup is out of its
+        OOM, or it has stayed out for TAKE_BACK_QUIET_S. (Right after the
+        hand-over the waiting tasks are woken and ``under_oom`` reads 0 for a
+        moment before their retry meets the limit again: taking the cgroup
+        back then would pause the kernel before it killed.)"""
+        now = time.monotonic()
         for w in self.watches:
-            if w.handed_over and not self._under_oom(w):
-                w.handed_over = False
-                try:
-                    if os.stat(w.fs_path).st_ino != w.inode:
-                        continue  # removed and made again: not the cgroup we watch
-                    self._write_disable(w, "1")
-                except OSError:
-                    continue
+            if not w.handed_over:
+                continue
+            control = _oom_control(w)
+            if control is None or control.under_oom:
+                w.quiet_since = None
+                continue
+            killed = (control.oom_kill is not None and w.handed_kills is not None
+                      and control.oom_kill > w.handed_kills)
+            if w.quiet_since is None:
+                w.quiet_since = now
+            if not killed and now - w.quiet_since < TAKE_BACK_QUIET_S:
+                continue
+            w.handed_over = False
+            try:
+                if os.stat(w.fs_path).st_ino != w.inode:
+                    continue  # removed and made again: not the cgroup we watch
+                self._write_disable(w, "1")
+            except OSError:
+                continue
 
     # -- output ---------------------------------------------------------------------------
 
@@ -922,18 +1029,24 @@ class Warden:
         record = d.to_json(top=10)
         event_ns, decided_ns, done_ns = times_ns
         signals = [r.signal_ns for r in results if r.signal_ns is not None]
-        released = [r.released_ns for r in results if r.released_ns is not None]
-        exits = [r.exit_ns for r in results if r.exit_ns is not None]
-        freed = [r.freed_bytes for r in results if r.freed_bytes is not None]
+        kills = [r for r in results if r.ok and r.killed and r.signal_ns is not None]
+        released = [r.released_ns for r in kills if r.released_ns is not None]
+        exits = [r.exit_ns for r in kills if r.exit_ns is not None]
         before, after = usage
+        gained = None
+        if not dry and before is not None and after is not None:
+            gained = max(0, after - before if where == "system" else before - after)
         record.update({
             "time_ns": {"event": event_ns, "decided": decided_ns,
                         "signal": min(signals) if signals else None,
-                        "released": max(released) if released else None,
-                        "exit": max(exits) if exits else None, "done": done_ns},
+                        # every victim's, or none
+                        "released": max(released) if kills and len(released) == len(kills)
+                        else None,
+                        "exit": max(exits) if kills and len(exits) == len(kills) else None,
+                        "done": done_ns},
             "event_detail": detail,
             "dry_run": dry,
-            "freed_bytes": sum(freed) if freed else None,
+            "freed_bytes": gained,
             "memory_bytes": {"what": "MemAvailable" if where == "system" else "usage",
                              "before": before, "after": after},
             "results": [{"action": r.action, "ok": r.ok, "detail": r.detail,
@@ -1103,6 +1216,21 @@ def _progress(results: list[Result], before: int | None, after: int | None, *,
         return False
     gained = after - before if system else before - after
     return gained >= PROGRESS_BYTES
+
+
+def _oom_control(w: _Watch) -> OomControl | None:
+    try:
+        with open(w.oom_control, "rb") as f:
+            return parse_oom_control(f.read())
+    except (OSError, OomwardenError):
+        return None
+
+
+def _same_cgroup(w: _Watch) -> bool:
+    try:
+        return os.stat(w.fs_path).st_ino == w.inode
+    except OSError:
+        return False
 
 
 def _usage(w: _Watch) -> int | None:

@@ -34,13 +34,15 @@ import time
 from dataclasses import dataclass, field
 
 from oomwarden.errors import OomwardenError, ParseError
-from oomwarden.sources.parse import parse_flat_keyed, parse_limit
+from oomwarden.sources.parse import parse_limit
 
 EPOLLIN = select.EPOLLIN
 EPOLLPRI = select.EPOLLPRI
 EPOLLERR = select.EPOLLERR
-#: Above the margin's usage threshold, the working set is read this often.
+#: Above the margin's usage threshold, the working set is read this often
+#: when near it, backing off up to MARGIN_POLL_MAX_S when well below it.
 MARGIN_POLL_S = 0.1
+MARGIN_POLL_MAX_S = 2.0
 #: How often a margin source re-reads the limit (a changed limit moves the
 #: usage threshold).
 LIMIT_REFRESH_S = 5.0
@@ -181,10 +183,14 @@ class MarginSource(V1EventSource):
     percent: float = 5.0
     limit: int = 0
     _refresh_at: float = field(default=0.0, repr=False)
+    _interval: float = field(default=MARGIN_POLL_S, repr=False)
 
     @classmethod
     def open(cls, cgroup_dir: str, inode: int, percent: float) -> MarginSource:
         limit = _read_limit(cgroup_dir)
+        if limit >= V1_UNLIMITED:
+            raise TriggerError(f"{cgroup_dir} has no memory limit of its own: a margin to it "
+                               "would never be reached")
         src = cls("margin", f"working set within {percent:g}% of the limit of {cgroup_dir}",
                   -1, EPOLLIN, cgroup_dir=cgroup_dir, inode=inode, percent=percent, limit=limit)
         src.fd = cls.register(cgroup_dir, "memory.usage_in_bytes", str(src.threshold))
@@ -219,23 +225,43 @@ class MarginSource(V1EventSource):
         self._consume()
         return self.poll()
 
+    def _figures(self) -> tuple[int, int] | None:
+        """(usage, working set) now; None if unreadable. Raises TriggerGone."""
+        try:
+            usage = _read_int(self.cgroup_dir, "memory.usage_in_bytes")
+            inactive = _read_inactive_file(self.cgroup_dir)
+        except FileNotFoundError:
+            raise TriggerGone(f"{self.cgroup_dir}: the cgroup is gone") from None
+        except (OSError, ValueError):
+            return None
+        return usage, usage - inactive
+
+    def over(self) -> bool:
+        """Whether the working set is within the margin now."""
+        figures = self._figures()
+        return figures is not None and figures[1] >= self.threshold
+
     def poll(self) -> str | None:
-        """Read usage, working set and limit; poll on while usage is above
-        the threshold, stop (the eventfd wakes us) once it is below."""
+        """Read usage, working set and limit. Below the usage threshold the
+        polling stops (the eventfd wakes the warden); above it, with page
+        cache keeping usage there, the next read comes after 0.1 s when the
+        working set is within 10 % of the threshold, else after twice the
+        last interval, up to MARGIN_POLL_MAX_S."""
         self.next_poll = None
         if self.limit >= V1_UNLIMITED:
             return None
-        try:
-            usage = _read_int(self.cgroup_dir, "memory.usage_in_bytes")
-            stat = _read_stat(self.cgroup_dir)
-        except FileNotFoundError:
-            raise TriggerGone(f"{self.cgroup_dir}: the cgroup is gone") from None
-        except (OSError, ParseError):
+        figures = self._figures()
+        if figures is None:
             return None
+        usage, working = figures
         if usage < self.threshold:
+            self._interval = MARGIN_POLL_S
             return None
-        self.next_poll = time.monotonic() + MARGIN_POLL_S
-        working = usage - stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        if working < self.threshold * 0.9:
+            self._interval = min(MARGIN_POLL_MAX_S, self._interval * 2)
+        else:
+            self._interval = MARGIN_POLL_S
+        self.next_poll = time.monotonic() + self._interval
         if working < self.threshold:
             return None
         mib = 1 << 20
@@ -252,10 +278,23 @@ def _read_limit(cgroup_dir: str) -> int:
     try:
         with open(os.path.join(cgroup_dir, "memory.limit_in_bytes"), "rb") as f:
             return parse_limit(f.read(), "memory.limit_in_bytes", V1_UNLIMITED)
-    except (OSError, ParseError) as e:
+    except FileNotFoundError:
+        raise TriggerError(f"{cgroup_dir}: the cgroup is gone") from None
+    except OSError as e:
+        raise TriggerError(f"{cgroup_dir}: cannot read its limit: {e.strerror}") from None
+    except ParseError as e:
         raise TriggerError(f"{cgroup_dir}: cannot read its limit: {e}") from None
 
 
-def _read_stat(cgroup_dir: str) -> dict[str, int]:
+def _read_inactive_file(cgroup_dir: str) -> int:
+    """``total_inactive_file`` (v1, hierarchical) from memory.stat, found
+    directly rather than by parsing every line (it is read on an interval)."""
     with open(os.path.join(cgroup_dir, "memory.stat"), "rb") as f:
-        return parse_flat_keyed(f.read(), "memory.stat")
+        data = f.read()
+    at = data.find(b"\ntotal_inactive_file ")
+    if at < 0:
+        at = data.find(b"\ninactive_file ")
+        if at < 0:
+            raise ValueError("memory.stat has no inactive_file")
+    end = data.find(b"\n", at + 1)
+    return int(data[at:end if end >= 0 else None].split()[1])

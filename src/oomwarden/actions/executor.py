@@ -43,17 +43,25 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from oomwarden.errors import OomwardenError, ParseError
+from oomwarden.model import HierarchyKind
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
 from oomwarden.sources.cgroupfs import find_hierarchies
-from oomwarden.sources.fsmagic import TMPFS_MAGIC
-from oomwarden.sources.parse import parse_oom_score_adj, parse_proc_cgroup, parse_stat
+from oomwarden.sources.fsmagic import TMPFS_MAGIC, is_cgroup_fs
+from oomwarden.sources.parse import (
+    parse_mountinfo,
+    parse_oom_score_adj,
+    parse_proc_cgroup,
+    parse_stat,
+    v1_controllers,
+)
 
 #: Bounds: a kill must end, whatever the victim does.
 EXIT_WAIT_S = 2.0
 MAX_ROUNDS = 10
 MAX_TREE = 10_000
 HOOK_TIMEOUT_S = 10.0
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+#: How long a freezer may take to report its cgroup frozen.
+FREEZE_WAIT_S = 0.5
 
 _SYS_PROCESS_MRELEASE = {"x86_64": 448, "aarch64": 448}
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -102,8 +110,9 @@ class Result:
     detail: str
     seconds: float
     killed: tuple[int, ...] = ()
-    #: Files deleted: their size on disk. Kills: the victims' resident memory
-    #: read just before SIGKILL (what the kill gave back once they exited).
+    #: Files deleted: their size (in a dry run, what would be freed). Kills
+    #: leave it None: the victims' resident sizes double-count shared pages;
+    #: the daemon measures the domain's memory before and after instead.
     freed_bytes: int | None = None
     #: Wall-clock stages of a kill (``time.time_ns()``): the first signal,
     #: the memory released (``process_mrelease`` returned), every victim gone.
@@ -126,7 +135,6 @@ class _Kill:
     signal_ns: int
     released_ns: int | None
     exit_ns: int | None
-    rss_bytes: int | None
 
 
 @dataclass
@@ -255,24 +263,15 @@ class Executor:
             left = [fd for fd in left if fd not in ready]
         return True
 
-    def _rss_bytes(self, fds: list[int]) -> int | None:
-        """The victims' resident memory now (``statm``), None if unreadable."""
-        total = 0
-        for fd in fds:
-            pid = self._identity.get(fd, (0, 0))[0]
-            try:
-                with open(f"{self.proc_root}/{pid}/statm", "rb") as f:
-                    total += int(f.read().split()[1]) * PAGE_SIZE
-            except (OSError, ValueError, IndexError):
-                return None
-        return total
-
-    def _kill_fds(self, fds: list[int]) -> _Kill:
-        """SIGKILL, release the memory, wait for the exits."""
-        rss = None if self.dry_run else self._rss_bytes(fds)
+    def _kill_fds(self, fds: list[int], after_signal: Callable[[], None] | None = None
+                  ) -> _Kill:
+        """SIGKILL, (``after_signal``: thaw a freezer), release the memory,
+        wait for the exits."""
         signal_ns = time.time_ns()
         for fd in fds:
             self._signal(fd, signal.SIGKILL)
+        if after_signal is not None:
+            after_signal()
         released = 0
         released_ns = None
         if not self.dry_run:
@@ -284,7 +283,7 @@ class Executor:
         exit_ns = time.time_ns() if exited and not self.dry_run else None
         summary = (f"{len(fds)} killed, {released} released" +
                    ("" if exited else f"; not all exited within {EXIT_WAIT_S:g} s"))
-        return _Kill(summary, signal_ns, released_ns, exit_ns, rss)
+        return _Kill(summary, signal_ns, released_ns, exit_ns)
 
     def _killed(self, action: str, kill: _Kill | None, detail: str, started: float, *,
                 fds: list[int], pids: tuple[int, ...]) -> Result:
@@ -295,7 +294,6 @@ class Executor:
             return Result(action, True, detail + self._dry(), self.clock() - started, pids,
                           victims=victims)
         return Result(action, True, detail + self._dry(), self.clock() - started, pids,
-                      freed_bytes=kill.rss_bytes if kill.exit_ns else None,
                       signal_ns=kill.signal_ns, released_ns=kill.released_ns,
                       exit_ns=kill.exit_ns, victims=victims, exited=kill.exit_ns is not None)
 
@@ -419,22 +417,113 @@ class Executor:
         spare = set(action.spare_pids)
         members = self._members(path)
         protected = [p for p in members if p in spare or self._why_not(p, None)]
-        kill_file = os.path.join(path, "cgroup.kill")
         complete = len(members) < MAX_TREE  # every member was seen and checked
-        if not protected and complete and not self.term_only and os.path.exists(kill_file):
-            detail = f"cgroup.kill on {action.path} ({len(members)} processes)"
-            if self.dry_run:
-                return Result("kill_cgroup", True, detail + self._dry(),
-                              self.clock() - started, tuple(sorted(members)))
-            signal_ns = time.time_ns()
-            with open(kill_file, "w") as f:
-                f.write("1")
-            exited = self._emptied(path, EXIT_WAIT_S)
-            if not exited:
-                detail += f"; not all exited within {EXIT_WAIT_S:g} s"
-            return Result("kill_cgroup", True, detail, self.clock() - started,
-                          tuple(sorted(members)), signal_ns=signal_ns,
-                          exit_ns=time.time_ns() if exited else None, exited=exited)
+        atomic = not protected and complete and not self.term_only
+        if atomic and os.path.exists(os.path.join(path, "cgroup.kill")):
+            return self._cgroup_kill(path, action.path, members, started)
+        # A v1 memory cgroup has no cgroup.kill. Its twin (the same path in
+        # the cgroup2 hierarchy, or in a v1 freezer hierarchy) holding exactly
+        # the same processes can kill them at once, or freeze them so that
+        # none escapes by forking while they are killed one by one.
+        twin = self._twin(action.path, members) if complete and not self.term_only else None
+        if twin is not None and atomic and os.path.exists(os.path.join(twin, "cgroup.kill")):
+            return self._cgroup_kill(twin, f"{action.path} (its cgroup2 twin {twin})",
+                                     members, started)
+        frozen = None if twin is None or self.dry_run else self._freeze(twin)
+        try:
+            return self._kill_members(action, path, spare, started, frozen)
+        finally:
+            if frozen is not None:
+                self._thaw(frozen)
+
+    def _cgroup_kill(self, directory: str, label: str, members: list[int],
+                     started: float) -> Result:
+        detail = f"cgroup.kill on {label} ({len(members)} processes)"
+        if self.dry_run:
+            return Result("kill_cgroup", True, detail + self._dry(),
+                          self.clock() - started, tuple(sorted(members)))
+        signal_ns = time.time_ns()
+        with open(os.path.join(directory, "cgroup.kill"), "w") as f:
+            f.write("1")
+        exited = self._emptied(directory, EXIT_WAIT_S)
+        if not exited:
+            detail += f"; not all exited within {EXIT_WAIT_S:g} s"
+        return Result("kill_cgroup", True, detail, self.clock() - started,
+                      tuple(sorted(members)), signal_ns=signal_ns,
+                      exit_ns=time.time_ns() if exited else None, exited=exited)
+
+    def _twin(self, path: str, members: list[int]) -> str | None:
+        """The cgroup at ``path`` in the cgroup2 hierarchy (``cgroup.freeze``)
+        or a v1 freezer hierarchy (``freezer.state``), on a verified mount,
+        whose processes (recursively) are exactly ``members``; else None."""
+        try:
+            with open(f"{self.proc_root}/self/mountinfo", "rb") as f:
+                mounts = parse_mountinfo(f.read())
+        except (OSError, ParseError):
+            return None
+        for m in mounts:
+            if m.kind is HierarchyKind.V2:
+                control, v2 = "cgroup.freeze", True
+            elif "freezer" in v1_controllers(m.super_options):
+                control, v2 = "freezer.state", False
+            else:
+                continue
+            rel = path[len(m.root):] if m.root != "/" and path.startswith(m.root) else path
+            twin = os.path.join(m.mount_point, rel.lstrip("/"))
+            if (rel.strip("/") and os.path.isfile(os.path.join(twin, control))
+                    and is_cgroup_fs(twin, v2=v2)
+                    and sorted(self._members(twin)) == sorted(members)):
+                return twin
+        return None
+
+    def _freeze(self, twin: str) -> str | None:
+        """Freeze a twin; wait (bounded) until it is frozen. Returns the twin,
+        or None (thawed again) if it would not freeze."""
+        v2 = os.path.isfile(os.path.join(twin, "cgroup.freeze"))
+        try:
+            if v2:
+                with open(os.path.join(twin, "cgroup.freeze"), "w") as f:
+                    f.write("1")
+            else:
+                with open(os.path.join(twin, "freezer.state"), "w") as f:
+                    f.write("FROZEN")
+            deadline = self.clock() + FREEZE_WAIT_S
+            while self.clock() < deadline:
+                if v2:
+                    with open(os.path.join(twin, "cgroup.events")) as f:
+                        if "frozen 1" in f.read():
+                            return twin
+                else:
+                    with open(os.path.join(twin, "freezer.state")) as f:
+                        if f.read().strip() == "FROZEN":
+                            return twin
+                time.sleep(0.001)
+        except OSError:
+            pass
+        self._thaw(twin)
+        return None
+
+    @staticmethod
+    def _thaw(twin: str) -> None:
+        if os.path.isfile(os.path.join(twin, "cgroup.freeze")):
+            name, value = "cgroup.freeze", "0"
+        else:
+            name, value = "freezer.state", "THAWED"
+        with contextlib.suppress(OSError), open(os.path.join(twin, name), "w") as f:
+            f.write(value)
+
+    def _kill_members(self, action: KillCgroup, path: str, spare: set[int], started: float,
+                      frozen: str | None) -> Result:
+        """Every process of the cgroup's subtree, through pidfds, in bounded
+        rounds (for processes forked meanwhile). ``frozen``: a twin frozen
+        beforehand, thawed right after the first round's SIGKILLs (a task
+        frozen by a v1 freezer dies only once thawed)."""
+        how = f" (frozen first through {frozen})" if frozen else ""
+
+        def thaw() -> None:
+            if frozen is not None:
+                self._thaw(frozen)
+
         killed: set[int] = set()
         victims: list[tuple[int, int]] = []
         kills: list[_Kill] = []
@@ -457,7 +546,7 @@ class Executor:
                     for fd in fds:
                         self._signal(fd, signal.SIGTERM)
                 else:
-                    kills.append(self._kill_fds(fds))
+                    kills.append(self._kill_fds(fds, thaw))
             finally:
                 for fd in fds:
                     self._close(fd)
@@ -466,16 +555,13 @@ class Executor:
             if self.dry_run:
                 break
         spared = f"; spared {sorted(spare)}" if spare else ""
-        detail = f"{len(killed)} processes of {action.path} killed one by one{spared}"
+        detail = f"{len(killed)} processes of {action.path} killed one by one{how}{spared}"
         if not kills or self.dry_run:
             return Result("kill_cgroup", True, detail + self._dry(), self.clock() - started,
                           tuple(sorted(killed)), victims=tuple(victims))
-        rss = [k.rss_bytes for k in kills]
         exited = all(k.exit_ns is not None for k in kills)
         return Result("kill_cgroup", True, detail, self.clock() - started,
                       tuple(sorted(killed)),
-                      freed_bytes=sum(r for r in rss if r is not None)
-                      if exited and None not in rss else None,
                       signal_ns=kills[0].signal_ns,
                       released_ns=kills[-1].released_ns
                       if all(k.released_ns for k in kills) else None,
