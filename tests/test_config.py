@@ -396,7 +396,7 @@ LONG = "/run/" + "s" * 103  # 108 bytes
      "oomwarden.toml:5: watch[1].domian: unknown key (expected watch[1].domain, "
      "watch[1].triggers, watch[1].policy, watch[1].victim, watch[1].sigterm_grace_ms, "
      "watch[1].cooldown_s, watch[1].dry_run, watch[1].threshold, watch[1].pressure, "
-     "watch[1].margin_percent); did you mean watch[1].domain?"),
+     "watch[1].margin_percent, watch[1].high_guard_percent); did you mean watch[1].domain?"),
     # domain
     (watch(domain="System"),
      "oomwarden.toml:2: watch[1].domain: 'System' is neither \"system\" nor \"cgroup:/PATH\" "
@@ -541,6 +541,14 @@ LONG = "/run/" + "s" * 103  # 108 bytes
      "oomwarden.toml:5: watch[1].margin_percent: 0 is outside 0.1..50"),
     (watch("margin_percent = 51", domain="cgroup:/a", triggers='["margin"]'),
      "oomwarden.toml:5: watch[1].margin_percent: 51 is outside 0.1..50"),
+    # the memory.high guard
+    (watch("high_guard_percent = 5"),
+     "oomwarden.toml:5: watch[1].high_guard_percent: needs a cgroup domain (the system has "
+     "no memory.high)"),
+    (watch("high_guard_percent = 0", domain="cgroup:/a"),
+     "oomwarden.toml:5: watch[1].high_guard_percent: 0 is outside 0.1..50"),
+    (watch('high_guard_percent = "5%"', domain="cgroup:/a"),
+     "oomwarden.toml:5: watch[1].high_guard_percent: expected a number, got a string ('5%')"),
     # the second watch, sub-tables, inline tables
     (W + "\n" + watch("[watch.pressure]", "window_s = 4", "some_avg10 = -1",
                       domain="cgroup:/a", triggers='["pressure"]'),
@@ -673,7 +681,7 @@ def test_summary_names_every_watch_setting(fx: Path) -> None:
                    "victim: tree; cooldown: 2.5 s; dry run: yes",
                    "SIGTERM, then SIGKILL after 1500 ms",
                    "domain cgroup:/app.slice/*.service (a glob",
-                   "margin (usage within 2.5% of the limit)",
+                   "margin (working set within 2.5% of the limit)",
                    "rules file " + str(fx / "policies" / "protect.toml"),
                    "victim: tree (the policy's)", "always-default (Python policy",
                    "victim: cgroup; cooldown: 5 s; "

@@ -321,7 +321,7 @@ policy = "kernel"
                           check=False)
     assert done.returncode == 2
     last = done.stderr.splitlines()[-1]
-    assert "'events' trigger on a cgroup domain is not implemented" in last
+    assert "'events' trigger on a cgroup v1 domain is not implemented" in last
     assert "cgroup v1 has no memory.events" in last
 
 

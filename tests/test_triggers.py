@@ -19,6 +19,7 @@ import pytest
 
 from test_daemon import Warden, decisions
 
+from conftest import need
 from kernelenv import ChildMemcg, MemcgFactory, TwinFactory
 
 pytestmark = pytest.mark.kernel
@@ -337,3 +338,27 @@ def test_a_handler_that_frees_memory_kills_nothing(memcg_factory: MemcgFactory,
     assert all(r["fallback"] is None and r["victim"] is None for r in records)
     freed = [r["freed_bytes"] for r in records]
     assert all(isinstance(b, int) and b > 0 for b in freed), freed
+
+
+def test_a_kernel_kill_is_logged_with_its_victim(memcg_factory: MemcgFactory,
+                                                 tmp_path: Path) -> None:
+    """In a dry run the kernel's killer acts; /dev/kmsg tells the warden whom
+    it killed and at which limit, and that becomes a decision-log record (no
+    kill goes unexplained)."""
+    need(os.access("/dev/kmsg", os.R_OK), "/dev/kmsg is not readable")
+    cg = memcg_factory.create(limit_bytes=64 * MiB)
+    warden = Warden(watch_config(tmp_path, cg, '["oom"]'), "--dry-run")
+    try:
+        warden.wait_for("watching 1 memory cgroup (oom)")
+        grower = cg.start_grower(200)
+        assert grower.proc.wait(timeout=20) == -9
+        line = warden.wait_for(f"the kernel killed pid {grower.pid} ")
+        assert f"at the limit of {cg.hierarchy_path}" in line
+    finally:
+        assert warden.stop() == 0
+    kills = [r for r in decisions(tmp_path) if r["trigger"] == "kernel_kill"]
+    assert len(kills) == 1, kills
+    victim = kills[0]["victim"]
+    assert isinstance(victim, dict) and victim["pid"] == grower.pid
+    assert victim["cgroup"] == cg.hierarchy_path
+    assert "Killed process" in str(kills[0]["event_detail"])

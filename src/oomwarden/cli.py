@@ -179,8 +179,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         restored, skipped = restore_state(args.state_file)
     except StateError as e:
         raise OomwardenError(str(e)) from None
-    for directory in restored:
-        sys.stderr.write(f"oomwarden: restored the kernel's OOM killer in {directory}\n")
+    for what in restored:
+        sys.stderr.write(f"oomwarden: restored {what}\n")
     for why in skipped:
         sys.stderr.write(f"oomwarden: skipped {why}\n")
     if not restored and not skipped:

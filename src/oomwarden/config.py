@@ -92,6 +92,8 @@ UNPRIVILEGED_PSI_WINDOW_STEP_S = 2
 CAP_SYS_RESOURCE = 24
 DEFAULT_MARGIN_PERCENT = 5.0
 MARGIN_PERCENT_RANGE = (0.1, 50.0)
+#: The memory.high guard: this far below memory.max (cgroup v2 only).
+HIGH_GUARD_PERCENT_RANGE = (0.1, 50.0)
 #: A config file larger than this is refused (a typo naming a log or a device).
 MAX_CONFIG_BYTES = 1 << 20
 #: ``sockaddr_un.sun_path`` holds 108 bytes with the final NUL.
@@ -99,7 +101,7 @@ MAX_SOCKET_PATH_BYTES = 107
 
 TOP_KEYS = ("decision_log", "control_socket", "budget_ms", "watch")
 WATCH_KEYS = ("domain", "triggers", "policy", "victim", "sigterm_grace_ms", "cooldown_s",
-              "dry_run", "threshold", "pressure", "margin_percent")
+              "dry_run", "threshold", "pressure", "margin_percent", "high_guard_percent")
 REQUIRED_WATCH_KEYS = ("domain", "triggers", "policy")
 THRESHOLD_KEYS = ("mem_available_percent", "swap_free_percent", "mem_available_kill_percent",
                   "swap_free_kill_percent")
@@ -223,6 +225,9 @@ class Watch:
     threshold: Threshold | None
     pressure: Pressure | None
     margin_percent: float | None
+    #: cgroup v2: set memory.high this far (percent) below memory.max while
+    #: watched (throttling gives the warden time); None: no guard.
+    high_guard_percent: float | None = None
 
     @property
     def name(self) -> str:
@@ -383,6 +388,7 @@ class _Checked:
     threshold: Threshold | None
     pressure: Pressure | None
     margin_percent: float | None
+    high_guard_percent: float | None
 
 
 class _Checker:
@@ -429,6 +435,7 @@ class _Checker:
                 victim_from_policy=c.victim is None, sigterm_grace_ms=c.sigterm_grace_ms,
                 cooldown_s=c.cooldown_s, dry_run=c.dry_run, threshold=c.threshold,
                 pressure=c.pressure, margin_percent=c.margin_percent,
+                high_guard_percent=c.high_guard_percent,
             ))
         return Config(source=self.source, watches=tuple(watches), decision_log=decision_log,
                       control_socket=control_socket, budget_ms=budget_ms)
@@ -523,6 +530,13 @@ class _Checker:
         threshold = self.threshold(path, label, raw, triggers)
         pressure = self.pressure(path, label, raw, triggers)
         margin = self.margin(path, label, raw, triggers)
+        guard = None
+        if "high_guard_percent" in raw:
+            if domain.system:
+                self.fail((*path, "high_guard_percent"), f"{label}.high_guard_percent: needs a "
+                          "cgroup domain (the system has no memory.high)")
+            guard = self.number((*path, "high_guard_percent"), f"{label}.high_guard_percent",
+                                raw["high_guard_percent"], HIGH_GUARD_PERCENT_RANGE)
         for trigger in triggers:
             if trigger in CGROUP_ONLY_TRIGGERS and domain.system:
                 why = ("the system has no limit; use \"threshold\"" if trigger == "margin"
@@ -533,7 +547,7 @@ class _Checker:
         return _Checked(index=index, path=path, domain=domain, triggers=triggers, spec=spec,
                         policy_kind=kind, victim=victim, sigterm_grace_ms=grace,
                         cooldown_s=cooldown, dry_run=dry_run, threshold=threshold,
-                        pressure=pressure, margin_percent=margin)
+                        pressure=pressure, margin_percent=margin, high_guard_percent=guard)
 
     def domain(self, path: KeyPath, label: str, value: object) -> Domain:
         if not isinstance(value, str):
@@ -744,7 +758,8 @@ def describe_triggers(watch: Watch) -> str:
                                                        ("full", ps.full_avg10)) if v is not None]
             parts.append(f"pressure ({' or '.join(levels)} over {_num(ps.window_s)} s)")
         elif t == "margin" and watch.margin_percent is not None:
-            parts.append(f"margin (usage within {_num(watch.margin_percent)}% of the limit)")
+            parts.append(f"margin (working set within {_num(watch.margin_percent)}% of the "
+                         "limit)")
         else:
             parts.append(t)
     return ", ".join(parts)
@@ -786,6 +801,9 @@ def summarize(config: Config) -> list[str]:
             f"dry run: {'yes' if w.dry_run else 'no'}",
             f"  kill: {kill}",
         ]
+        if w.high_guard_percent is not None:
+            lines.append(f"  memory.high guard: {_num(w.high_guard_percent)}% below memory.max "
+                         "(cgroup v2; restored on exit)")
     return lines
 
 

@@ -73,12 +73,16 @@ from oomwarden.sources.parse import parse_oom_control, parse_proc_cgroup, parse_
 from oomwarden.sources.procfs import ReadOptions, read_system
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.triggers import (
+    EventsSource,
+    KernelKill,
+    KmsgSource,
     MarginSource,
     PressureLevelSource,
     PsiSource,
     Source,
     TriggerError,
     TriggerGone,
+    V2MarginSource,
 )
 from oomwarden.watchdog import DEFAULT_STATE_FILE, remove_state, restore, write_state
 
@@ -94,6 +98,8 @@ EVENT_BUDGET_S = 1.0
 #: After the actions, how long the OOM may take to clear before the kernel
 #: is handed the rest.
 SETTLE_S = 0.5
+#: vmpressure events from the reclaim before a kill may arrive after it.
+VMPRESSURE_LAG_S = 1.0
 #: A cgroup handed to the kernel is taken back after the kernel killed, or
 #: after it stayed out of its OOM this long.
 TAKE_BACK_QUIET_S = 1.0
@@ -102,6 +108,7 @@ EXIT_FAILED = 2
 #: How long the watchdog may take to say it is armed.
 WATCHDOG_ARM_S = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 #: Growth policies: a snapshot every second, the last few kept.
 HISTORY_S = 1.0
@@ -136,6 +143,7 @@ class WatchSpec:
     triggers: tuple[str, ...] = ("oom",)
     pressure: Pressure | None = None
     margin_percent: float | None = None
+    high_guard_percent: float | None = None
 
 
 @dataclass
@@ -233,6 +241,9 @@ class _Watch:
     fs_path: str
     inode: int
     cooldown: _Cooldown
+    kind: HierarchyKind = HierarchyKind.V1
+    #: v2 memory.high guard: the value to write back on exit (None: not set).
+    high_restore: str | None = None
     #: The ``oom`` trigger's eventfd and memory.oom_control fd (-1: no ``oom``).
     event_fd: int = -1
     control_fd: int = -1
@@ -291,6 +302,8 @@ class Warden:
     _next_ping: float = 0.0
     _exit_code: int = 0
     _epoll: select.epoll | None = None
+    #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable).
+    _kmsg: KmsgSource | None = None
     #: Lists the paused cgroups for ``oomwarden restore`` (None: none kept).
     state_file: str | None = DEFAULT_STATE_FILE
     _state_written: bool = False
@@ -315,14 +328,29 @@ class Warden:
                 self.watches.append(self._watch(spec, snapshot))
             for sys_spec in self.systems:
                 self._systems.append(self._system(sys_spec))
-            to_pause = [w for w in self.watches
-                        if w.event_fd >= 0 and not (self.dry_run or w.spec.dry_run)]
-            if to_pause:
+            if self.watches:
+                try:
+                    self._kmsg = KmsgSource.open()
+                except TriggerError as e:
+                    self._warn_once("kmsg", f"cannot read the kernel's log ({e}): its own OOM "
+                                    "kills are logged from memory.events counts only (cgroup "
+                                    "v2), without the victim")
+            live = [w for w in self.watches if not (self.dry_run or w.spec.dry_run)]
+            to_pause = [w for w in live if w.event_fd >= 0]
+            to_guard = [w for w in live if w.spec.high_guard_percent is not None
+                        and w.kind is HierarchyKind.V2]
+            for w in to_guard:
+                self._set_guard(w)
+            guarded = [w for w in to_guard if w.high_restore is not None]
+            if to_pause or guarded:
                 # The watchdog is armed and the state file written *before*
                 # the first cgroup is paused: from the first write on, a dead
-                # warden is covered.
-                self._arm_watchdog([w.fs_path for w in to_pause])
-                self._write_state([(w.fs_path, w.inode) for w in to_pause])
+                # warden is covered. (A guard is set first, then covered: it
+                # only throttles.)
+                self._arm_watchdog([w.fs_path for w in to_pause]
+                                   + [f"high:{w.high_restore}:{w.fs_path}" for w in guarded])
+                self._write_state([(w.fs_path, w.inode, None) for w in to_pause]
+                                  + [(w.fs_path, w.inode, w.high_restore) for w in guarded])
                 for w in to_pause:
                     self._write_disable(w, "1")
                     w.paused = True
@@ -345,7 +373,7 @@ class Warden:
             raise DaemonError("the watchdog did not start: the kernel's killer is left in "
                               "charge")
 
-    def _write_state(self, cgroups: list[tuple[str, int]]) -> None:
+    def _write_state(self, cgroups: list[tuple[str, int, str | None]]) -> None:
         if self.state_file is None:
             return
         try:
@@ -440,16 +468,20 @@ class Warden:
         """Everything a watch needs, without touching the cgroup: run on a
         reload before the running watches are given up."""
         cg = resolve_cgroup(snapshot, spec.cgroup)
-        if cg.kind is not HierarchyKind.V1 or not cg.memory_controller:
-            raise DaemonError(f"{spec.cgroup}: the daemon watches cgroup v1 memory cgroups "
-                              f"so far (found {cg.name})")
+        if not cg.memory_controller:
+            raise DaemonError(f"{spec.cgroup}: not a memory cgroup (found {cg.name}, without "
+                              "the memory controller)")
+        if cg.kind is HierarchyKind.V1 and "events" in spec.triggers:
+            raise DaemonError(f"{spec.cgroup}: the 'events' trigger reads memory.events, "
+                              "which a cgroup v1 memory cgroup lacks (use 'oom', 'pressure' "
+                              "or 'margin')")
         if not cg.verified:
             raise DaemonError(f"{cg.fs_path} is not on a cgroup filesystem: its limit "
                               "limits nothing")
         if cg.path == "/":
             raise DaemonError("the root memory cgroup has no limit of its own")
         own = _own_memcg()
-        if ("oom" in spec.triggers and own is not None
+        if ("oom" in spec.triggers and cg.kind is HierarchyKind.V1 and own is not None
                 and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/"))):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
                               "cgroup's limit it would be paused with the others")
@@ -457,7 +489,18 @@ class Warden:
 
     def _watch(self, spec: WatchSpec, snapshot: Any) -> _Watch:
         cg = self._check_watch(spec, snapshot)
-        w = _Watch(spec, cg.path, cg.fs_path, cg.inode, _Cooldown(spec.cooldown_s))
+        w = _Watch(spec, cg.path, cg.fs_path, cg.inode, _Cooldown(spec.cooldown_s), cg.kind)
+        if cg.kind is HierarchyKind.V2:
+            try:
+                self._watch_v2(w)
+            except (TriggerError, OSError) as e:
+                _close_watch(w)
+                why = e.strerror if isinstance(e, OSError) else str(e)
+                raise DaemonError(f"{spec.cgroup}: {why}") from None
+            except BaseException:
+                _close_watch(w)
+                raise
+            return w
         try:
             if "oom" in spec.triggers:
                 self._watch_oom(w)
@@ -473,6 +516,51 @@ class Warden:
             _close_watch(w)
             raise
         return w
+
+    def _watch_v2(self, w: _Watch) -> None:
+        """cgroup v2: the kernel's killer cannot be paused, so ``oom`` stands
+        for the pre-OOM signals: memory.events (high, max, oom), PSI (the
+        watch's levels or the defaults) and the margin (its percent or 5 %)."""
+        spec = w.spec
+        oom = "oom" in spec.triggers
+        if oom or "events" in spec.triggers:
+            w.sources.append(EventsSource.open(w.fs_path))
+        if oom or "pressure" in spec.triggers:
+            for line in (spec.pressure or Pressure()).trigger_lines():
+                w.sources.append(PsiSource.open(os.path.join(w.fs_path, "memory.pressure"),
+                                                line))
+        if oom or "margin" in spec.triggers:
+            w.sources.append(V2MarginSource.open(w.fs_path, spec.margin_percent or 5.0))
+
+    def _set_guard(self, w: _Watch) -> None:
+        """The memory.high guard: ``high_guard_percent`` below memory.max,
+        only lower than what is there; the old value is kept for the restore."""
+        percent = w.spec.high_guard_percent
+        if percent is None or w.kind is not HierarchyKind.V2:
+            return
+        with open(os.path.join(w.fs_path, "memory.max")) as f:
+            limit = f.read().strip()
+        with open(os.path.join(w.fs_path, "memory.high")) as f:
+            old = f.read().strip()
+        if limit == "max":
+            self._say(f"{w.name}: no memory.high guard: memory.max is not set")
+            return
+        guard = int(int(limit) * (1 - percent / 100)) // PAGE_SIZE * PAGE_SIZE
+        if old != "max" and int(old) <= guard:
+            self._say(f"{w.name}: memory.high is {old} already, at or below the guard")
+            return
+        w.high_restore = old
+        with open(os.path.join(w.fs_path, "memory.high"), "w") as f:
+            f.write(str(guard))
+
+    @staticmethod
+    def _restore_guard(w: _Watch) -> None:
+        if w.high_restore is None:
+            return
+        with contextlib.suppress(OSError), open(os.path.join(w.fs_path, "memory.high"),
+                                                "w") as f:
+            f.write(w.high_restore)
+        w.high_restore = None
 
     @staticmethod
     def _watch_oom(w: _Watch) -> None:
@@ -538,10 +626,13 @@ class Warden:
             if w.event_fd >= 0:
                 self._register(w.event_fd, select.EPOLLIN, w)
             for src in w.sources:
-                self._register(src.fd, src.mask, (w, src))
+                if src.fd >= 0:  # (a source without an fd is polled only)
+                    self._register(src.fd, src.mask, (w, src))
         for sysw in self._systems:
             for src in sysw.sources:
                 self._register(src.fd, src.mask, (sysw, src))
+        if self._kmsg is not None:
+            self._register(self._kmsg.fd, self._kmsg.mask, self._kmsg)
 
     def _unregister_all(self) -> None:
         assert self._epoll is not None
@@ -661,6 +752,12 @@ class Warden:
             except Exception as e:
                 self._hand_over(data, f"internal error: {type(e).__name__}: {e}")
             return
+        if isinstance(data, KmsgSource):
+            data.fired(events)
+            for kill in data.kills:
+                self._kernel_kill(kill)
+            data.kills.clear()
+            return
         owner, src = data
         try:
             detail = src.fired(events)
@@ -670,7 +767,39 @@ class Warden:
         except OSError as e:
             self._say(f"{owner.name}: {src.trigger} trigger failed to read: {e}")
             return
+        if isinstance(src, EventsSource) and src.kernel_kills and isinstance(owner, _Watch):
+            if self._kmsg is None:
+                self._record_kernel_kill(owner, None, src.kernel_kills)
+            src.kernel_kills = 0
         self._fire(owner, src.trigger, detail)
+
+    def _kernel_kill(self, kill: KernelKill) -> None:
+        """A kill the kernel made: logged in the deepest watched domain whose
+        limit it was (``oom_memcg``); kills elsewhere are not ours to log."""
+        inside = [w for w in self.watches
+                  if kill.oom_memcg == w.path
+                  or kill.oom_memcg.startswith(w.path.rstrip("/") + "/")]
+        if inside:
+            self._record_kernel_kill(max(inside, key=lambda w: len(w.path)), kill, 1)
+
+    def _record_kernel_kill(self, w: _Watch, kill: KernelKill | None, count: int) -> None:
+        now = time.time_ns()
+        if kill is not None:
+            detail = (f"the kernel killed pid {kill.pid} ({kill.comm}) of {kill.task_memcg} "
+                      f"at the limit of {kill.oom_memcg}: {kill.detail}")
+            victim: dict[str, object] | None = {"pid": kill.pid, "comm": kill.comm,
+                                                "cgroup": kill.task_memcg}
+        else:
+            detail = (f"the kernel killed {count} process{'es' if count != 1 else ''} "
+                      "(memory.events oom_kill); /dev/kmsg gave no details")
+            victim = None
+        record: dict[str, Any] = {
+            "domain": w.name, "hierarchy": w.kind.value, "trigger": "kernel_kill",
+            "policy": None, "victim": victim, "kernel_kills": count, "event_detail": detail,
+            "dry_run": self.dry_run or w.spec.dry_run, "actions": [], "results": [],
+            "time_ns": {"event": now}}
+        self._write_record(record)
+        self._say(f"{w.name}: {detail}")
 
     def _fire(self, owner: _Watch | _System, trigger: str, detail: str | None,
               term_only: bool = False) -> None:
@@ -766,10 +895,10 @@ class Warden:
         # In a dry run the kernel's killer was never paused: by now it has
         # usually acted, and the decision shows what the warden would do next.
         usage_before = _usage(w)
-        snapshot = build_snapshot(SourceConfig(only=("v1", w.path), cgroup_stat=False,
+        snapshot = build_snapshot(SourceConfig(only=(w.kind.value, w.path), cgroup_stat=False,
                                                read=self._read_options(w.spec.policy)))
         cg = next((c for c in snapshot.cgroups
-                   if c.kind is HierarchyKind.V1 and c.path == w.path), None)
+                   if c.kind is w.kind and c.path == w.path), None)
         if cg is None or cg.inode != w.inode:
             self._hand_over(w, "the watched cgroup changed")
             return
@@ -814,16 +943,17 @@ class Warden:
             confine = None
         else:
             usage_before = _usage(owner)
-            snapshot = build_snapshot(SourceConfig(only=("v1", owner.path), cgroup_stat=False,
+            snapshot = build_snapshot(SourceConfig(only=(owner.kind.value, owner.path),
+                                                   cgroup_stat=False,
                                                    read=self._read_options(policy)))
             cg = next((c for c in snapshot.cgroups
-                       if c.kind is HierarchyKind.V1 and c.path == owner.path), None)
+                       if c.kind is owner.kind and c.path == owner.path), None)
             if cg is None or cg.inode != owner.inode:
                 self._say(f"{owner.name}: {trigger} fired, but the cgroup is gone or another "
                           "one now")
                 return
             domain = cgroup_domain(snapshot, cg)
-            confine = ("v1", owner.path)
+            confine = (owner.kind.value, owner.path)
         # One loop: while cgroups are paused at their limit (``oom``), nothing
         # here may wait longer than an OOM event's own budget.
         paused = any(w.paused for w in self.watches)
@@ -882,11 +1012,15 @@ class Warden:
 
     @staticmethod
     def _lag(owner: _Watch | _System) -> float:
-        """How long PSI figures lag after a kill: the window of the watch's
-        pressure trigger (0 without one)."""
-        pressure = owner.spec.pressure
-        has_psi = any(isinstance(src, PsiSource) for src in owner.sources)
-        return (pressure or Pressure()).window_s if has_psi else 0.0
+        """How long pressure signals lag after a kill: the window of the
+        watch's PSI triggers; VMPRESSURE_LAG_S for v1's vmpressure, whose
+        events from the reclaim before the kill arrive after it; 0 without
+        a pressure trigger."""
+        if any(isinstance(src, PsiSource) for src in owner.sources):
+            return (owner.spec.pressure or Pressure()).window_s
+        if any(isinstance(src, PressureLevelSource) for src in owner.sources):
+            return VMPRESSURE_LAG_S
+        return 0.0
 
     def _conditions_hold(self, owner: _Watch | _System) -> bool:
         """Whether the domain's exact pre-OOM conditions still hold: a
@@ -905,7 +1039,7 @@ class Warden:
             return threshold.level(100.0 * available / max(1, memory.mem_total),
                                    swap) is not None
         for src in owner.sources:
-            if isinstance(src, MarginSource):
+            if isinstance(src, MarginSource | V2MarginSource):
                 try:
                     if src.over():
                         return True
@@ -1054,11 +1188,7 @@ class Warden:
                          "freed_bytes": r.freed_bytes, "exited": r.exited}
                         for r in results],
         })
-        if self._log is not None:
-            try:
-                self._log.write(json.dumps(record, default=str) + "\n")
-            except (OSError, ValueError) as e:  # a full disk must not stop the warden
-                self._warn_once("log", f"cannot write the decision log: {e}")
+        self._write_record(record)
         v = d.victim
         what = "would kill" if dry else "killed"
         if v is not None:
@@ -1068,6 +1198,13 @@ class Warden:
         for r in results:
             if not r.ok:
                 self._say(f"{where}: {r.action} failed: {r.detail}")
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        if self._log is not None:
+            try:
+                self._log.write(json.dumps(record, default=str) + "\n")
+            except (OSError, ValueError) as e:  # a full disk must not stop the warden
+                self._warn_once("log", f"cannot write the decision log: {e}")
 
     def _hook_env(self, d: Decision) -> dict[str, str]:
         v = d.victim
@@ -1096,6 +1233,7 @@ class Warden:
             if w.paused:
                 restore_subtree(w.fs_path)
                 w.paused = False
+            self._restore_guard(w)
             _close_watch(w)
         self.watches.clear()
         if self._state_written and self.state_file is not None:
@@ -1105,6 +1243,9 @@ class Warden:
             for src in sysw.sources:
                 src.close()
         self._systems.clear()
+        if self._kmsg is not None:
+            self._kmsg.close()
+            self._kmsg = None
         if self._watchdog is not None:
             self._watchdog.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -1129,26 +1270,45 @@ def _close_watch(w: _Watch) -> None:
     w.sources.clear()
 
 
-#: What this daemon implements so far, by domain kind; the others are refused
-#: at start rather than silently not watched.
-SUPPORTED = {"cgroup": ("oom", "pressure", "margin"), "system": ("threshold", "pressure", "oom")}
+#: What this daemon implements, by domain kind; the others are refused at
+#: start rather than silently not watched.
+SUPPORTED = {"v1": ("oom", "pressure", "margin"),
+             "v2": ("oom", "pressure", "margin", "events"),
+             "system": ("threshold", "pressure", "oom")}
+
+
+def memory_hierarchy(snapshot: Snapshot) -> HierarchyKind:
+    """Where the memory controller is: v2 where a cgroup2 hierarchy has it,
+    else the v1 memory hierarchy (hybrid hosts, as here)."""
+    if any(h.kind is HierarchyKind.V2 and h.has_memory for h in snapshot.hierarchies):
+        return HierarchyKind.V2
+    return HierarchyKind.V1
 
 
 def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
-    """The daemon for a validated config. A glob domain is expanded over the
-    v1 memory cgroups that exist at start."""
+    """The daemon for a validated config. A cgroup domain is on the hierarchy
+    that has the memory controller; a glob is expanded over its cgroups that
+    exist at start."""
     specs: list[WatchSpec] = []
     systems: list[SystemSpec] = []
     snapshot = None
     for w in config.watches:
-        kind = "system" if w.domain.system else "cgroup"
+        if w.domain.system:
+            kind = "system"
+        else:
+            snapshot = snapshot or build_snapshot(SourceConfig())
+            kind = memory_hierarchy(snapshot).value
         for trigger in w.triggers:
             if trigger not in SUPPORTED[kind]:
-                why = ("cgroup v1 has no memory.events (use 'oom', 'pressure' or 'margin'); "
-                       "on cgroup v2 it is not implemented yet" if trigger == "events"
-                       else f"supported there: {', '.join(SUPPORTED[kind])}")
+                why = ("cgroup v1 has no memory.events (use 'oom', 'pressure' or 'margin')"
+                       if trigger == "events" else f"supported there: "
+                       f"{', '.join(SUPPORTED[kind])}")
+                where = "system" if kind == "system" else f"cgroup {kind}"
                 raise ConfigError(f"{config.source}: {w.name}: the {trigger!r} trigger on a "
-                                  f"{kind} domain is not implemented by this daemon: {why}")
+                                  f"{where} domain is not implemented: {why}")
+        if w.high_guard_percent is not None and kind != "v2":
+            raise ConfigError(f"{config.source}: {w.name}: high_guard_percent needs cgroup v2 "
+                              "(the memory controller is on cgroup v1 here)")
         grace = w.sigterm_grace_ms / 1000
         if w.domain.system:
             # "oom" on the system: its pre-OOM signals, PSI and the threshold.
@@ -1158,17 +1318,18 @@ def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
             systems.append(SystemSpec(w.policy, threshold, grace, w.cooldown_s, w.dry_run,
                                       pressure))
             continue
+        assert snapshot is not None
         path = w.domain.path or "/"
         paths = [path]
         if w.domain.is_glob:
-            snapshot = snapshot or build_snapshot(SourceConfig())
             paths = [c.path for c in snapshot.cgroups
-                     if c.kind is HierarchyKind.V1 and w.domain.matches(c.path)]
+                     if c.kind.value == kind and w.domain.matches(c.path)]
             if not paths:
                 raise ConfigError(f"{config.source}: {w.name}: {w.domain.spec} matches no "
                                   "memory cgroup now")
-        specs.extend(WatchSpec(f"v1:{p}", w.policy, grace, w.cooldown_s, w.dry_run,
-                               tuple(w.triggers), w.pressure, w.margin_percent)
+        specs.extend(WatchSpec(f"{kind}:{p}", w.policy, grace, w.cooldown_s, w.dry_run,
+                               tuple(w.triggers), w.pressure, w.margin_percent,
+                               w.high_guard_percent)
                      for p in paths)
     return Warden(specs, config.decision_log, systems=systems,
                   budget_s=config.budget_ms / 1000, dry_run=dry_run)
@@ -1234,8 +1395,9 @@ def _same_cgroup(w: _Watch) -> bool:
 
 
 def _usage(w: _Watch) -> int | None:
+    name = "memory.current" if w.kind is HierarchyKind.V2 else "memory.usage_in_bytes"
     try:
-        with open(os.path.join(w.fs_path, "memory.usage_in_bytes"), "rb") as f:
+        with open(os.path.join(w.fs_path, name), "rb") as f:
             return int(f.read())
     except (OSError, ValueError):
         return None

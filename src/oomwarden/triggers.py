@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from oomwarden.errors import OomwardenError, ParseError
-from oomwarden.sources.parse import parse_limit
+from oomwarden.sources.parse import parse_flat_keyed, parse_limit
 
 EPOLLIN = select.EPOLLIN
 EPOLLPRI = select.EPOLLPRI
@@ -46,6 +46,8 @@ MARGIN_POLL_MAX_S = 2.0
 #: How often a margin source re-reads the limit (a changed limit moves the
 #: usage threshold).
 LIMIT_REFRESH_S = 5.0
+#: At most this many /dev/kmsg records per wake-up, and kills kept.
+MAX_KMSG_RECORDS = 256
 #: v1's "unlimited": PAGE_COUNTER_MAX pages, rounded by the kernel.
 V1_UNLIMITED = 1 << 62
 
@@ -298,3 +300,207 @@ def _read_inactive_file(cgroup_dir: str) -> int:
             raise ValueError("memory.stat has no inactive_file")
     end = data.find(b"\n", at + 1)
     return int(data[at:end if end >= 0 else None].split()[1])
+
+
+# -- cgroup v2 ----------------------------------------------------------------------------
+
+
+@dataclass
+class EventsSource(Source):
+    """A v2 cgroup's ``memory.events``: the kernel raises POLLPRI on the open
+    file when a counter changes (``cgroup_file_notify``); a read re-arms it.
+    Fires when ``high``, ``max`` or ``oom`` rose; ``oom_kill`` rising (the
+    kernel killed) is kept in :attr:`kernel_kills` for the daemon to log."""
+
+    path: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
+    #: How many kills the kernel made since the last firing was read.
+    kernel_kills: int = 0
+    #: Whether the counters that fire (high, max, oom) are watched.
+    fires: bool = True
+
+    @classmethod
+    def open(cls, cgroup_dir: str, *, fires: bool = True) -> EventsSource:
+        path = os.path.join(cgroup_dir, "memory.events")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise TriggerError(f"{path}: {e.strerror}") from None
+        src = cls("events", f"memory.events of {cgroup_dir}", fd, EPOLLPRI, path=path,
+                  fires=fires)
+        src.counts = src._read()
+        return src
+
+    def _read(self) -> dict[str, int]:
+        try:
+            data = os.pread(self.fd, 4096, 0)
+        except OSError:
+            return dict(self.counts)
+        if not data and not os.path.exists(self.path):
+            raise TriggerGone(f"{self.path}: the cgroup is gone")
+        try:
+            return parse_flat_keyed(data, "memory.events")
+        except ParseError:
+            return dict(self.counts)
+
+    def fired(self, events: int) -> str | None:
+        if events & EPOLLERR and not os.path.exists(self.path):
+            raise TriggerGone(f"{self.path}: the cgroup is gone")
+        now = self._read()
+        rose = {k: now.get(k, 0) - self.counts.get(k, 0) for k in now}
+        self.counts = now
+        self.kernel_kills += max(0, rose.get("oom_kill", 0))
+        if not self.fires:
+            return None
+        shown = [f"{k} +{rose[k]}" for k in ("high", "max", "oom") if rose.get(k, 0) > 0]
+        return f"memory.events: {', '.join(shown)}" if shown else None
+
+
+@dataclass
+class V2MarginSource(Source):
+    """The working set (``memory.current`` less ``inactive_file``) within
+    ``percent`` of ``memory.max`` of a v2 cgroup. v2 has no usage threshold
+    notification: ``memory.current`` is read on an interval, 0.1 s when
+    usage is within 10 % of the threshold, doubling up to MARGIN_POLL_MAX_S
+    below that (one small read; memory.stat only above the threshold)."""
+
+    cgroup_dir: str = ""
+    percent: float = 5.0
+    _interval: float = field(default=MARGIN_POLL_S, repr=False)
+
+    @classmethod
+    def open(cls, cgroup_dir: str, percent: float) -> V2MarginSource:
+        limit = _read_v2_max(cgroup_dir)
+        if limit is None:
+            raise TriggerError(f"{cgroup_dir} has no memory.max: a margin to it would never "
+                               "be reached")
+        return cls("margin", f"working set within {percent:g}% of memory.max of {cgroup_dir}",
+                   -1, 0, next_poll=time.monotonic(), cgroup_dir=cgroup_dir, percent=percent)
+
+    def fired(self, events: int) -> str | None:
+        return None  # no fd: polled only
+
+    def _figures(self) -> tuple[int, int, int] | None:
+        """(usage, working set, limit), None if unreadable or unlimited."""
+        try:
+            limit = _read_v2_max(self.cgroup_dir)
+            usage = _read_int(self.cgroup_dir, "memory.current")
+            if limit is None:
+                return None
+            working = usage
+            if usage >= self._threshold(limit):
+                working = usage - _read_inactive_file(self.cgroup_dir)
+        except FileNotFoundError:
+            raise TriggerGone(f"{self.cgroup_dir}: the cgroup is gone") from None
+        except (OSError, ValueError):
+            return None
+        return usage, working, limit
+
+    def _threshold(self, limit: int) -> int:
+        return int(limit * (1 - self.percent / 100))
+
+    def over(self) -> bool:
+        figures = self._figures()
+        return figures is not None and figures[1] >= self._threshold(figures[2])
+
+    def poll(self) -> str | None:
+        figures = self._figures()
+        if figures is None:
+            self.next_poll = time.monotonic() + MARGIN_POLL_MAX_S
+            return None
+        usage, working, limit = figures
+        threshold = self._threshold(limit)
+        if usage >= threshold * 0.9:
+            self._interval = MARGIN_POLL_S
+        else:
+            self._interval = min(MARGIN_POLL_MAX_S, self._interval * 2)
+        self.next_poll = time.monotonic() + self._interval
+        if working < threshold:
+            return None
+        mib = 1 << 20
+        return (f"working set {working / mib:.1f} MiB (usage {usage / mib:.1f} MiB) is within "
+                f"{self.percent:g}% of memory.max {limit / mib:.1f} MiB")
+
+
+def _read_v2_max(cgroup_dir: str) -> int | None:
+    """memory.max, None for "max" (no limit)."""
+    with open(os.path.join(cgroup_dir, "memory.max"), "rb") as f:
+        text = f.read().strip()
+    return None if text == b"max" else int(text)
+
+
+# -- the kernel's own kills ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelKill:
+    """One OOM kill the kernel made, as it logged it (``oom-kill:`` and
+    ``Killed process`` lines of ``/dev/kmsg``)."""
+
+    oom_memcg: str
+    task_memcg: str
+    pid: int
+    comm: str
+    constraint: str
+    detail: str
+
+
+@dataclass
+class KmsgSource(Source):
+    """``/dev/kmsg`` from its end on: every ``oom-kill:`` record the kernel
+    prints from now on (``dump_oom_victim``), with the ``Killed process`` line
+    that follows it. Records lost to a ring-buffer overrun (EPIPE) are
+    skipped. Bounded: at most MAX_KMSG_RECORDS records per read."""
+
+    kills: list[KernelKill] = field(default_factory=list)
+    _pending: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls) -> KmsgSource:
+        try:
+            fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise TriggerError(f"/dev/kmsg: {e.strerror}") from None
+        os.lseek(fd, 0, os.SEEK_END)
+        return cls("kernel", "the kernel's OOM kills (/dev/kmsg)", fd, EPOLLIN)
+
+    def fired(self, events: int) -> str | None:
+        for _ in range(MAX_KMSG_RECORDS):
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:
+                continue  # overrun: the next read goes on from the oldest kept
+            except OSError:
+                break
+            if not record:
+                break
+            self._take(record.decode("utf-8", "replace"))
+        return None
+
+    def _take(self, record: str) -> None:
+        text = record.split(";", 1)[1].split("\n", 1)[0] if ";" in record else record
+        if text.startswith("oom-kill:"):
+            fields = dict(part.split("=", 1) for part in text[len("oom-kill:"):].split(",")
+                          if "=" in part)
+            with contextlib.suppress(KeyError, ValueError):
+                self._pending[int(fields["pid"])] = fields
+            return
+        at = text.find("Killed process ")
+        if at < 0:
+            return
+        words = text[at + len("Killed process "):].split()
+        try:
+            pid = int(words[0])
+        except (IndexError, ValueError):
+            return
+        fields = self._pending.pop(pid, {})
+        comm = words[1].strip("()") if len(words) > 1 else "?"
+        self.kills.append(KernelKill(
+            oom_memcg=fields.get("oom_memcg", ""), task_memcg=fields.get("task_memcg", ""),
+            pid=pid, comm=fields.get("task", comm), constraint=fields.get("constraint", ""),
+            detail=text[at:]))
+        del self.kills[:-MAX_KMSG_RECORDS]
+        if len(self._pending) > MAX_KMSG_RECORDS:
+            self._pending.clear()

@@ -1,6 +1,6 @@
 """The watchdog: gives the kernel its OOM killer back if the warden dies.
 
-usage: python -m oomwarden.watchdog WARDEN_PID CGROUP_DIR...
+usage: python -m oomwarden.watchdog WARDEN_PID CGROUP_DIR|high:VALUE:CGROUP_DIR...
 
 The warden pauses the kernel's killer in the memory cgroups it handles
 (v1 ``memory.oom_control`` oom_kill_disable=1). If the warden is SIGKILLed,
@@ -9,8 +9,10 @@ ever. This small process, in a session of its own and deaf to SIGINT,
 SIGTERM and SIGHUP, waits on a pidfd of the warden and, the moment the warden
 is gone, writes ``0`` to ``memory.oom_control`` of every cgroup it was given
 and of every cgroup below them (a child made while its parent was paused
-inherits the setting). It does nothing else, and exits after restoring (or
-when the warden, exiting cleanly, has restored everything itself and kills it).
+inherits the setting); an argument ``high:VALUE:DIR`` (a cgroup v2 memory.high
+guard) gets VALUE written back to ``DIR/memory.high``. It does nothing else,
+and exits after restoring (or when the warden, exiting cleanly, has restored
+everything itself and kills it).
 
 What the watchdog cannot survive is being killed together with the warden
 (systemd kills the whole unit's cgroup after a missed ``WatchdogSec=``). For
@@ -29,7 +31,7 @@ import select
 import signal
 import sys
 
-from oomwarden.sources.fsmagic import CGROUP_SUPER_MAGIC, fs_magic
+from oomwarden.sources.fsmagic import CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC, fs_magic
 
 #: Where the warden lists the cgroups it paused (the unit's RuntimeDirectory).
 DEFAULT_STATE_FILE = "/run/oomwarden/paused.json"
@@ -38,9 +40,18 @@ MAX_STATE_BYTES = 1 << 20
 
 
 def restore(dirs: list[str]) -> int:
-    """Turn the kernel's OOM killer back on; returns how many writes failed."""
+    """Turn the kernel's OOM killer back on (``high:VALUE:DIR``: write a
+    memory.high back); returns how many writes failed."""
     failed = 0
     for top in dirs:
+        if top.startswith("high:"):
+            _, value, directory = top.split(":", 2)
+            try:
+                with open(os.path.join(directory, "memory.high"), "w") as f:
+                    f.write(value)
+            except OSError:
+                failed += 1
+            continue
         for dirpath, _subdirs, files in os.walk(top):
             if "memory.oom_control" not in files:
                 continue
@@ -52,13 +63,16 @@ def restore(dirs: list[str]) -> int:
     return failed
 
 
-def write_state(path: str, cgroups: list[tuple[str, int]]) -> None:
-    """List the cgroups about to be paused, as (directory, inode), atomically
-    (a new file renamed over the old one)."""
+def write_state(path: str, cgroups: list[tuple[str, int, str | None]]) -> None:
+    """List the cgroups about to be changed, as (directory, inode, the
+    memory.high to write back or None for a paused v1 OOM killer),
+    atomically (a new file renamed over the old one)."""
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     state = {"version": 1, "pid": os.getpid(),
-             "cgroups": [{"dir": d, "inode": inode} for d, inode in cgroups]}
+             "cgroups": [{"dir": d, "inode": inode} if high is None else
+                         {"dir": d, "inode": inode, "memory_high": high}
+                         for d, inode, high in cgroups]}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, json.dumps(state).encode() + b"\n")
@@ -79,7 +93,7 @@ class StateError(Exception):
 
 def restore_state(path: str) -> tuple[list[str], list[str]]:
     """Restore the kernel's killer in every cgroup a state file lists, and
-    remove the file. Returns (restored directories, skipped "dir: why").
+    remove the file. Returns (what was restored, skipped "dir: why").
     A cgroup is written only if it is still the same one (its inode) on a
     cgroup v1 filesystem (statfs, not the path)."""
     try:
@@ -98,17 +112,23 @@ def restore_state(path: str) -> tuple[list[str], list[str]]:
         if len(data) > MAX_STATE_BYTES:
             raise ValueError
         state = json.loads(data)
-        entries = [(str(e["dir"]), int(e["inode"])) for e in state["cgroups"]]
-        if state.get("version") != 1 or not all(os.path.isabs(d) for d, _ in entries):
+        entries = [(str(e["dir"]), int(e["inode"]),
+                    None if e.get("memory_high") is None else str(e["memory_high"]))
+                   for e in state["cgroups"]]
+        if state.get("version") != 1 or not all(os.path.isabs(d) for d, _, _ in entries):
+            raise ValueError
+        if any(h is not None and not (h == "max" or h.isdigit()) for _, _, h in entries):
             raise ValueError
     except (ValueError, TypeError, KeyError, AttributeError):
         raise StateError(f"{path}: not a state file written by oomwarden") from None
     restored: list[str] = []
     skipped: list[str] = []
-    for directory, inode in entries:
+    for directory, inode, high in entries:
+        want, fs = ((CGROUP2_SUPER_MAGIC, "cgroup2") if high is not None
+                    else (CGROUP_SUPER_MAGIC, "cgroup v1"))
         try:
-            if fs_magic(directory) != CGROUP_SUPER_MAGIC:
-                skipped.append(f"{directory}: not on a cgroup v1 filesystem")
+            if fs_magic(directory) != want:
+                skipped.append(f"{directory}: not on a {fs} filesystem")
                 continue
             if os.stat(directory).st_ino != inode:
                 skipped.append(f"{directory}: another cgroup now")
@@ -116,10 +136,15 @@ def restore_state(path: str) -> tuple[list[str], list[str]]:
         except OSError:
             skipped.append(f"{directory}: gone")
             continue
-        if restore([directory]):
+        if high is not None:
+            if restore([f"high:{high}:{directory}"]):
+                skipped.append(f"{directory}: could not write memory.high")
+            else:
+                restored.append(f"memory.high of {directory} (to {high})")
+        elif restore([directory]):
             skipped.append(f"{directory}: could not write every memory.oom_control")
         else:
-            restored.append(directory)
+            restored.append(f"the kernel's OOM killer in {directory}")
     remove_state(path)
     return restored, skipped
 
