@@ -98,7 +98,8 @@ EVENT_BUDGET_S = 1.0
 #: After the actions, how long the OOM may take to clear before the kernel
 #: is handed the rest.
 SETTLE_S = 0.5
-#: vmpressure events from the reclaim before a kill may arrive after it.
+#: vmpressure events and memory.events counts from before a kill may arrive
+#: after it.
 VMPRESSURE_LAG_S = 1.0
 #: A cgroup handed to the kernel is taken back after the kernel killed, or
 #: after it stayed out of its OOM this long.
@@ -208,7 +209,7 @@ class _Cooldown:
             return True
         if escalate and self.term_only:
             return False
-        if trigger == "pressure" and now < self.lag_until:
+        if trigger in ("pressure", "events") and now < self.lag_until:
             return True
         if not self.memory_gone and all(_gone(pid, start) for pid, start in self.victims):
             self.memory_gone = True
@@ -1016,11 +1017,12 @@ class Warden:
         watch's PSI triggers; VMPRESSURE_LAG_S for v1's vmpressure, whose
         events from the reclaim before the kill arrive after it; 0 without
         a pressure trigger."""
+        lags = [0.0]
         if any(isinstance(src, PsiSource) for src in owner.sources):
-            return (owner.spec.pressure or Pressure()).window_s
-        if any(isinstance(src, PressureLevelSource) for src in owner.sources):
-            return VMPRESSURE_LAG_S
-        return 0.0
+            lags.append((owner.spec.pressure or Pressure()).window_s)
+        if any(isinstance(src, PressureLevelSource | EventsSource) for src in owner.sources):
+            lags.append(VMPRESSURE_LAG_S)
+        return max(lags)
 
     def _conditions_hold(self, owner: _Watch | _System) -> bool:
         """Whether the domain's exact pre-OOM conditions still hold: a

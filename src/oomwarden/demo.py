@@ -1,16 +1,22 @@
 """``make demo``: the warden against a leak, beside the kernel's own choice.
 
 1. ``oomwarden explain`` on the live machine: what the kernel would kill now.
-2. In a memory cgroup of its own (a v1 child of this process's memory cgroup,
-   statfs-verified, limit 512 MiB, no swap), a "database" holds 300 MiB
-   steadily and a "leaker" grows by 30 MiB a second. The warden runs
-   (``oomwarden run``) with the ``growth`` policy on that cgroup, the
-   kernel's killer paused. When the cgroup reaches its limit, the warden
-   kills the leaker; the database lives. The demo prints the decision with
-   its reasons beside the kernel's choice (the database: it is the largest)
-   and removes everything again, also on Ctrl-C or error.
+2. In a memory cgroup of its own (limit 512 MiB, no swap), a "database" holds
+   300 MiB steadily and a "leaker" grows by 30 MiB a second. The warden runs
+   (``oomwarden run``) with the ``growth`` policy on that cgroup and kills
+   the leaker; the database lives. The demo prints the decision with its
+   reasons beside the kernel's choice (the database: it is the largest) and
+   removes everything again, also on Ctrl-C or error. The cgroup is:
 
-Not root, or no writable v1 memory cgroup: one line saying how to run it.
+   * a cgroup v2 child of this process's cgroup, where the memory controller
+     is on cgroup v2 (and enabled for this cgroup's children): the kernel's
+     killer cannot be paused there, so the warden acts before the limit, on
+     ``memory.events`` (a ``memory.high`` guard 10 % below the limit), PSI
+     and the working-set margin;
+   * else a v1 child of this process's memory cgroup (statfs-verified), with
+     the kernel's killer paused by the warden: it acts at the limit.
+
+Not root, or no memory cgroup to make a child in: one line saying how to run it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,19 @@ from pathlib import Path
 from rich.console import Console
 
 from oomwarden.cli import main as cli_main
-from oomwarden.sandbox import Hog, MemcgFactory, own_v1_memcg_dir, start_warden, stop_warden
+from oomwarden.daemon import memory_hierarchy
+from oomwarden.model import HierarchyKind
+from oomwarden.sandbox import (
+    ChildMemcg,
+    Hog,
+    MemcgFactory,
+    V2Factory,
+    own_v1_memcg_dir,
+    own_v2_cgroup_dir,
+    start_warden,
+    stop_warden,
+)
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 
 MiB = 1024 * 1024
 LIMIT_MIB = 512
@@ -39,22 +57,30 @@ def _confined(console: Console) -> int:
     if os.geteuid() != 0:
         console.print("the warden part of the demo needs root: run `sudo make demo`")
         return 0
-    parent, why = own_v1_memcg_dir()
+    v2 = memory_hierarchy(build_snapshot(SourceConfig())) is HierarchyKind.V2
+    parent, why = own_v2_cgroup_dir() if v2 else own_v1_memcg_dir()
     if parent is None:
-        console.print(f"skipping the warden part: {why} (it needs a writable cgroup v1 "
-                      "memory controller; on pure cgroup v2 hosts, see the VM test lane)")
+        console.print(f"skipping the warden part: {why} (it needs a memory cgroup of its "
+                      "own to make a child in: on cgroup v2, run it from a cgroup whose "
+                      "children have the memory controller)")
         return 0
-    factory = MemcgFactory(parent, prefix="oomwarden-demo")
+    factory: MemcgFactory | V2Factory = (V2Factory(parent, prefix="oomwarden-demo") if v2
+                                         else MemcgFactory(parent, prefix="oomwarden-demo"))
     warden: subprocess.Popen[bytes] | None = None
     with tempfile.TemporaryDirectory(prefix="oomwarden-demo-") as tmp:
         try:
-            cg = factory.create(limit_bytes=LIMIT_MIB * MiB)
+            cg: ChildMemcg = (factory.create(LIMIT_MIB * MiB) if isinstance(factory, V2Factory)
+                              else factory.create(limit_bytes=LIMIT_MIB * MiB))
             console.rule(f"[bold]2. the warden, a database and a leak: {cg.hierarchy_path}")
-            console.print(f"limit {LIMIT_MIB} MiB, the kernel's killer paused by the warden")
+            console.print(f"limit {LIMIT_MIB} MiB, " + (
+                "cgroup v2: the warden acts before the limit (memory.high guard 10% below "
+                "it, memory.events, PSI, the margin)" if v2 else
+                "cgroup v1: the kernel's killer paused by the warden"))
             database = cg.start_hog(DATABASE_MIB, name="database")
             console.print(f"pid {database.pid} 'database' holds {DATABASE_MIB} MiB")
             log = Path(tmp) / "decisions.jsonl"
-            warden = start_warden(cg, tmp, policy="growth")
+            warden = start_warden(cg, tmp, policy="growth",
+                                  extra="high_guard_percent = 10" if v2 else "")
             leaker = cg.start_leaker(LEAK_MIB_PER_S, name="leaker")
             console.print(f"pid {leaker.pid} 'leaker' grows by {LEAK_MIB_PER_S} MiB/s")
             dead = _wait_for_a_death([database, leaker], console)
@@ -84,8 +110,12 @@ def _report(console: Console, log: Path, database: Hog, leaker: Hog, dead: list[
     time.sleep(0.3)  # the warden writes its line right after the kill
     records = [json.loads(line) for line in log.read_text().splitlines() if line] \
         if log.exists() else []
+    for r in records:
+        if r.get("trigger") == "kernel_kill":
+            console.print(f"[red]{r['event_detail']}[/]")
+    records = [r for r in records if r.get("trigger") != "kernel_kill" and r.get("victim")]
     if not records:
-        console.print("[red]the warden logged no decision[/]")
+        console.print("[red]the warden logged no kill[/]")
         return 1
     d = records[0]
     victim = d["victim"]

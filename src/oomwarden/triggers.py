@@ -46,6 +46,8 @@ MARGIN_POLL_MAX_S = 2.0
 #: How often a margin source re-reads the limit (a changed limit moves the
 #: usage threshold).
 LIMIT_REFRESH_S = 5.0
+#: memory.events counts only while usage is this near memory.high or .max.
+EVENTS_NEAR_PERCENT = 5.0
 #: At most this many /dev/kmsg records per wake-up, and kills kept.
 MAX_KMSG_RECORDS = 256
 #: v1's "unlimited": PAGE_COUNTER_MAX pages, rounded by the kernel.
@@ -353,7 +355,22 @@ class EventsSource(Source):
         if not self.fires:
             return None
         shown = [f"{k} +{rose[k]}" for k in ("high", "max", "oom") if rose.get(k, 0) > 0]
-        return f"memory.events: {', '.join(shown)}" if shown else None
+        if not shown or not self._at_a_boundary():
+            return None  # counted before a kill that has freed the memory since
+        return f"memory.events: {', '.join(shown)}"
+
+    def _at_a_boundary(self) -> bool:
+        """Whether usage is still near memory.high or memory.max (within
+        EVENTS_NEAR_PERCENT): the counters may have risen before a kill that
+        brought usage down since, and are then no reason for another."""
+        cgroup_dir = os.path.dirname(self.path)
+        try:
+            usage = _read_int(cgroup_dir, "memory.current")
+            bounds = [b for b in (_read_v2_bound(cgroup_dir, "memory.high"),
+                                  _read_v2_bound(cgroup_dir, "memory.max")) if b is not None]
+        except (OSError, ValueError):
+            return True
+        return not bounds or usage >= min(bounds) * (1 - EVENTS_NEAR_PERCENT / 100)
 
 
 @dataclass
@@ -424,7 +441,12 @@ class V2MarginSource(Source):
 
 def _read_v2_max(cgroup_dir: str) -> int | None:
     """memory.max, None for "max" (no limit)."""
-    with open(os.path.join(cgroup_dir, "memory.max"), "rb") as f:
+    return _read_v2_bound(cgroup_dir, "memory.max")
+
+
+def _read_v2_bound(cgroup_dir: str, name: str) -> int | None:
+    """memory.max or memory.high, None for "max" (no bound)."""
+    with open(os.path.join(cgroup_dir, name), "rb") as f:
         text = f.read().strip()
     return None if text == b"max" else int(text)
 
