@@ -7,20 +7,22 @@ and exit with status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from oomwarden import __version__
-from oomwarden.config import default_config, load_config, summarize
+from oomwarden.config import DEFAULT_CONTROL_SOCKET, default_config, load_config, summarize
+from oomwarden.control import MAX_PID, JsonObject, call
 from oomwarden.daemon import warden_from_config
 from oomwarden.decision import Candidate, Decision, action_to_json
 from oomwarden.domains import resolve_cgroup
@@ -77,6 +79,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0 <= value <= MAX_WINDOW_S:
         raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WINDOW_S:g} seconds, got {value}")
+    return value
+
+
+def _pid(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_PID:
+        raise argparse.ArgumentTypeError(f"expected a pid (1 to {MAX_PID}), got {value}")
     return value
 
 
@@ -159,7 +168,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
                     help=f"the state file (default {DEFAULT_STATE_FILE})")
+    _add_control_commands(sub)
     return parser
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", metavar="PATH", default=DEFAULT_CONTROL_SOCKET,
+                   help="the running daemon's control socket (default "
+                   f"{DEFAULT_CONTROL_SOCKET}; the config's control_socket)")
+
+
+def _add_control_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``victim add|list|remove`` and ``status``: requests to a running
+    ``oomwarden run`` over its control socket (docs/control.md)."""
+    vi = sub.add_parser(
+        "victim",
+        help="the running daemon's victim queues: victims chosen ahead of an OOM",
+        description="Queue a process or a cgroup to be killed first on the next OOM in its "
+        "domain, list the queues, remove an entry. A queued process is held by a pidfd "
+        "(when it exits it leaves the queue; a recycled PID is never hit), a cgroup by its "
+        "inode. Root may queue anything; another user only its own processes and the "
+        "cgroups it owns.",
+    )
+    vsub = vi.add_subparsers(dest="victim_command", required=True, parser_class=_Parser)
+    va = vsub.add_parser("add", help="queue a process or a cgroup",
+                         description="Queue a process (--pid) or a memory cgroup (--cgroup).")
+    target = va.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=_pid, metavar="PID", help="a process")
+    target.add_argument("--cgroup", metavar="PATH",
+                        help="a memory cgroup, as `explain --cgroup` takes it")
+    va.add_argument("--domain", metavar="DOMAIN",
+                    help='the queue: "system" or "cgroup:/PATH" (default: the deepest watched '
+                    "domain that holds the victim)")
+    _socket_arg(va)
+    vl = vsub.add_parser("list", help="list the queued victims, oldest first per domain")
+    vl.add_argument("--json", action="store_true", help="print the response body as JSON")
+    _socket_arg(vl)
+    vr = vsub.add_parser("remove", help="remove a queue entry",
+                         description="Remove a queue entry by its id (`victim list` shows it).")
+    vr.add_argument("entry", type=_positive, metavar="ID", help="the entry's id")
+    _socket_arg(vr)
+    st = sub.add_parser(
+        "status",
+        help="what the running daemon watches, its queues, its last decisions",
+        description="Ask the running daemon for its watches, queue sizes, last decisions "
+        "and the kernel's own kills it counted.",
+    )
+    st.add_argument("--json", action="store_true", help="print the response body as JSON")
+    _socket_arg(st)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -251,6 +307,182 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     _print_table(decision, snapshot, all_tasks=args.all, top=args.top)
     return 0
+
+
+def cmd_victim(args: argparse.Namespace) -> int:
+    if args.victim_command == "add":
+        req: JsonObject = {"op": "victim.add"}
+        if args.pid is not None:
+            req["pid"] = args.pid
+        else:
+            req["cgroup"] = args.cgroup
+        if args.domain is not None:
+            req["domain"] = args.domain
+        body = call(args.socket, req)
+        _say_entry("queued", body.get("entry"))
+        return 0
+    if args.victim_command == "remove":
+        body = call(args.socket, {"op": "victim.remove", "entry": args.entry})
+        _say_entry("removed", body.get("removed"), fallback=args.entry)
+        return 0
+    body = call(args.socket, {"op": "victim.list"})
+    if args.json:
+        _print_json(body)
+        return 0
+    entries = body.get("entries")
+    entries = entries if isinstance(entries, list) else []
+    console = _out_console()
+    if not entries:
+        console.print("the victim queues are empty")
+        return 0
+    table = Table(title=f"victim queues: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+                  " (each domain's oldest goes first)", title_justify="left")
+    columns: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("id", "right"), ("domain", "left"), ("victim", "left"), ("uid", "right"),
+        ("queued", "left"), ("by uid", "right"))
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
+    for item in entries:
+        e = item if isinstance(item, dict) else {"id": item}
+        table.add_row(_cell(e.get("id")), _cell(e.get("domain")), _victim_text(e),
+                      _cell(e.get("uid")), _when(e.get("added_ns")), _cell(e.get("by_uid")))
+    console.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    body = call(args.socket, {"op": "status"})
+    if args.json:
+        _print_json(body)
+        return 0
+    _print_status(body, _out_console())
+    return 0
+
+
+def _out_console() -> _Console:
+    console = _Console()
+    return console if console.is_terminal else _Console(width=140)
+
+
+def _print_json(body: JsonObject) -> None:
+    json.dump(body, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def _cell(value: object) -> Text:
+    """Any value from the daemon as literal text: "-" for none."""
+    if value is None:
+        return Text("-")
+    if isinstance(value, bool):
+        return Text("yes" if value else "no")
+    if isinstance(value, str):
+        return literal(value)
+    if isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+        return literal(", ".join(str(v) for v in value))
+    if isinstance(value, int | float):
+        return Text(str(value))
+    return literal(json.dumps(value, separators=(",", ":")))
+
+
+def _when(value: object) -> Text:
+    """Wall-clock nanoseconds (or a decision record's ``time_ns`` stages) as
+    local time."""
+    if isinstance(value, dict):
+        value = value.get("event")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            stamp = datetime.datetime.fromtimestamp(value / 1e9)
+        except (OverflowError, OSError, ValueError):
+            return _cell(value)
+        return Text(stamp.strftime("%Y-%m-%d %H:%M:%S"))
+    return _cell(value)
+
+
+def _victim_text(e: JsonObject) -> Text:
+    """A queue entry's or a decision's victim: ``pid 42 (comm)`` or the cgroup."""
+    pid, comm, cgroup = e.get("pid"), e.get("comm"), e.get("cgroup")
+    if e.get("kind") == "cgroup" or (pid is None and cgroup is not None):
+        return Text.assemble("cgroup ", _cell(cgroup))
+    if pid is None:
+        return Text("-")
+    text = Text.assemble("pid ", _cell(pid))
+    if comm is not None:
+        text.append_text(Text.assemble(" (", _cell(comm), ")"))
+    return text
+
+
+def _say_entry(what: str, entry: object, fallback: int | None = None) -> None:
+    console = _out_console()
+    if not isinstance(entry, dict):
+        console.print(f"{what} entry {fallback}" if fallback is not None else what)
+        return
+    console.print(Text.assemble(f"{what} entry ", _cell(entry.get("id")), ": ",
+                                _victim_text(entry), " in ", _cell(entry.get("domain"))))
+
+
+_STATUS_KEYS = ("version", "pid", "started_ns", "dry_run", "config", "watches", "queues",
+                "queue_limit", "last_decisions", "kernel_kills")
+
+
+def _print_status(body: JsonObject, console: _Console) -> None:
+    """The status body (docs/control.md), whatever of it is there: a key
+    missing or of another shape is skipped or shown as JSON, never fatal."""
+    head = [Text.assemble("oomwarden ", _cell(body.get("version")))]
+    if "pid" in body:
+        head.append(Text.assemble("pid ", _cell(body["pid"])))
+    if "started_ns" in body:
+        head.append(Text.assemble("since ", _when(body["started_ns"])))
+    if body.get("dry_run") is True:
+        head.append(Text("dry run"))
+    if "config" in body:
+        head.append(Text.assemble("config ", _cell(body["config"])))
+    console.print(Text(", ").join(head))
+    watches = body.get("watches")
+    if isinstance(watches, list) and watches:
+        table = Table(title="watches", title_justify="left")
+        for name in ("domain", "triggers", "policy", "victim", "dry run"):
+            table.add_column(name, overflow="fold")
+        for item in watches:
+            w = item if isinstance(item, dict) else {"domain": item}
+            table.add_row(_cell(w.get("domain")), _cell(w.get("triggers")),
+                          _cell(w.get("policy")), _cell(w.get("victim")),
+                          _cell(w.get("dry_run")))
+        console.print(table)
+    elif "watches" in body:
+        console.print(Text.assemble("watches: ", _cell(watches or "none")))
+    queues = body.get("queues")
+    if isinstance(queues, dict):
+        sizes = [Text.assemble(literal(str(k)), " ", _cell(v)) for k, v in queues.items()]
+        limit = body.get("queue_limit")
+        console.print(Text.assemble("queues: ", Text(", ").join(sizes) if sizes else "empty",
+                                    *((" (at most ", _cell(limit), ")") if limit else ())))
+    elif "queues" in body:
+        console.print(Text.assemble("queues: ", _cell(queues)))
+    decisions = body.get("last_decisions")
+    if isinstance(decisions, list) and decisions:
+        table = Table(title="last decisions", title_justify="left")
+        for name in ("time", "domain", "trigger", "victim", "queue entry", "dry run"):
+            table.add_column(name, overflow="fold")
+        for item in decisions:
+            d = item if isinstance(item, dict) else {}
+            victim = d.get("victim")
+            table.add_row(_when(d.get("time_ns")), _cell(d.get("domain")),
+                          _cell(d.get("trigger")),
+                          _victim_text(victim) if isinstance(victim, dict) else _cell(victim),
+                          _cell(d.get("queue_entry")), _cell(d.get("dry_run")))
+        console.print(table)
+    elif "last_decisions" in body:
+        console.print("last decisions: none")
+    kills = body.get("kernel_kills")
+    if isinstance(kills, dict):
+        parts = [Text.assemble(literal(str(k)), " ", _cell(v)) for k, v in kills.items()]
+        console.print(Text.assemble("the kernel's own OOM kills: ",
+                                    Text(", ").join(parts) if parts else "none"))
+    elif "kernel_kills" in body:
+        console.print(Text.assemble("the kernel's own OOM kills: ", _cell(kills)))
+    for key, value in body.items():
+        if key not in _STATUS_KEYS:
+            console.print(Text.assemble(literal(str(key)), ": ", _cell(value)))
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 127: "\\x7f"}
@@ -377,6 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "restore":
             return cmd_restore(args)
+        if args.command == "victim":
+            return cmd_victim(args)
+        if args.command == "status":
+            return cmd_status(args)
     except OomwardenError as e:
         sys.stderr.write(f"oomwarden: error: {e}\n")
         return EXIT_USAGE

@@ -12,7 +12,9 @@ boundary, in one place per source, so that callers only ever catch this tree::
     ├── CgroupNotFound      --cgroup names no memory cgroup on any hierarchy
     ├── PolicyError         an unknown policy name or a policy that cannot be loaded
     ├── ConfigError         a daemon config file that cannot be read or is wrong
-    └── DaemonError         the daemon cannot set a watch up (oomwarden.daemon)
+    ├── DaemonError         the daemon cannot set a watch up (oomwarden.daemon)
+    └── ControlError        the control socket: cannot listen, no daemon, no answer
+        └── RequestError    a request refused, with its code (oomwarden.control)
 
 Messages carry the values and the places involved, e.g.
 ``MemAvailable (X) cannot exceed MemTotal (Y)``.
@@ -48,3 +50,9 @@ class PolicyError(OomwardenError):
 class ConfigError(OomwardenError):
     """A config file cannot be read or is wrong: one line naming the file, the
     line and the key."""
+
+
+class ControlError(OomwardenError):
+    """The control socket cannot be served (the path is taken, not a socket)
+    or a client gets no answer (no daemon listening, a timeout): one line
+    naming the socket."""
