@@ -565,3 +565,48 @@ def test_the_priority_policy_kills_the_batch_job_not_the_largest(
                     sub.rmdir()
                 except OSError:
                     time.sleep(0.05)
+
+
+def test_a_left_over_state_file_is_restored_at_start(cg: ChildMemcg, tmp_path: Path) -> None:
+    """A warden killed with its watchdog and no `oomwarden restore` since: the
+    next warden restores what the state file lists before it pauses anything,
+    and says so."""
+    warden = Warden(config(tmp_path, cg))
+    try:
+        warden.wait_for("watching 1 memory cgroup")
+        (watchdog,) = _children(warden.proc.pid)
+        os.kill(watchdog, signal.SIGKILL)
+        warden.proc.kill()
+        warden.proc.wait(timeout=5)
+    finally:
+        warden.stop()
+    assert warden.state_file.exists() and oom_control(cg)["oom_kill_disable"] == 1
+    again = Warden(config(tmp_path, cg))
+    try:
+        again.wait_for(f"left over by a warden that was killed: restored the kernel's OOM "
+                       f"killer in {cg.path}")
+        again.wait_for("watching 1 memory cgroup")
+    finally:
+        assert again.stop() == 0
+    assert not again.state_file.exists() and oom_control(cg)["oom_kill_disable"] == 0
+
+
+def test_a_state_file_of_a_running_warden_is_not_touched(cg: ChildMemcg,
+                                                         tmp_path: Path) -> None:
+    """Two wardens on one state file: the second refuses to start, in one
+    line, and the first's paused cgroup stays paused (by the first)."""
+    first = Warden(config(tmp_path, cg))
+    try:
+        first.wait_for("watching 1 memory cgroup")
+        other = tmp_path / "other"
+        other.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-m", "oomwarden.cli", "run", "--dry-run", "--config",
+             str(config(other, cg)), "--state-file", str(first.state_file)],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2
+        assert f"belongs to a warden that is running (pid {first.proc.pid})" in \
+            done.stderr.splitlines()[-1]
+        assert oom_control(cg)["oom_kill_disable"] == 1 and first.state_file.exists()
+    finally:
+        assert first.stop() == 0

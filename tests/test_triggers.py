@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from oomwarden.triggers import KmsgSource, parse_oom_kill
 from test_daemon import Warden, decisions
 
 from conftest import need
@@ -362,3 +363,26 @@ def test_a_kernel_kill_is_logged_with_its_victim(memcg_factory: MemcgFactory,
     assert isinstance(victim, dict) and victim["pid"] == grower.pid
     assert victim["cgroup"] == cg.hierarchy_path
     assert "Killed process" in str(kills[0]["event_detail"])
+
+
+def test_the_oom_kill_line_is_parsed_by_position() -> None:
+    line = ("oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,"
+            "oom_memcg=/a,b,task_memcg=/a,b/c,task=x,task=y,pid=7,uid=0")
+    assert parse_oom_kill(line) == {"constraint": "CONSTRAINT_MEMCG", "oom_memcg": "/a,b",
+                                    "task_memcg": "/a,b/c", "task": "x,task=y", "pid": "7",
+                                    "uid": "0"}
+    # a process named ",oom_memcg=/app" dying in a global OOM is not /app's
+    forged = ("oom-kill:constraint=CONSTRAINT_NONE,nodemask=(null),cpuset=/,mems_allowed=0,"
+              "global_oom,task_memcg=/x,task=,oom_memcg=/app,pid=5,uid=0")
+    fields = parse_oom_kill(forged)
+    assert fields is not None and fields["oom_memcg"] == "" and fields["task_memcg"] == "/x"
+    assert parse_oom_kill("oom-kill:garbage") is None
+    src = KmsgSource("kernel", "", -1, 0)
+    # facility 1 (user): a line anyone can write to /dev/kmsg is ignored
+    src._take(f"12,1,0,-;{line}")
+    src._take("12,2,0,-;Memory cgroup out of memory: Killed process 7 (x) total-vm:1kB")
+    assert src.kills == []
+    src._take(f"3,3,0,-;{line}")
+    src._take("3,4,0,-;Memory cgroup out of memory: Killed process 7 (x) total-vm:1kB")
+    (kill,) = src.kills
+    assert (kill.pid, kill.oom_memcg, kill.task_memcg) == (7, "/a,b", "/a,b/c")

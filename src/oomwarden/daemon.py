@@ -1,6 +1,7 @@
 """The daemon: triggers -> snapshot -> engine -> executor -> decision log.
 
-Triggers (``oomwarden.triggers`` holds the pre-OOM sources):
+Triggers (``oomwarden.triggers`` holds the pre-OOM sources), on the hierarchy
+that has the memory controller:
 
 * ``oom`` on a cgroup v1 memory cgroup: user-space OOM handling as the kernel
   offers it. The warden pauses the kernel's killer (``memory.oom_control``
@@ -8,17 +9,21 @@ Triggers (``oomwarden.triggers`` holds the pre-OOM sources):
   through ``cgroup.event_control``. When the cgroup reaches its limit, the
   kernel stops its tasks and wakes the warden, which decides (bounded by the
   budget) and kills.
-* ``pressure``: PSI triggers (``/proc/pressure/memory``, or the cgroup2 twin's
-  ``memory.pressure`` of a v1 memory cgroup), else v1's ``memory.pressure_level``
-  at ``critical``.
-* ``margin``: a v1 memory cgroup's working set near its limit.
+* ``oom`` on a cgroup v2 memory cgroup (its killer cannot be paused): the
+  pre-OOM signals ``events``, ``pressure`` and ``margin``; with a
+  ``memory.high`` guard where configured.
+* ``pressure``: PSI triggers (``/proc/pressure/memory``, a v2 cgroup's
+  ``memory.pressure``, or the cgroup2 twin's of a v1 memory cgroup), else v1's
+  ``memory.pressure_level`` at ``critical``.
+* ``events`` (v2): ``memory.events`` high / max / oom, with the working set
+  still near the bound.
+* ``margin``: a memory cgroup's working set near its limit.
 * ``threshold``: earlyoom's MemAvailable / SwapFree levels on the system.
 * ``oom`` on the system: its pre-OOM signals, ``pressure`` and ``threshold``.
 
-A kill starts the domain's cooldown: no other kill there until the victims'
-memory is gone (they exited, or ``process_mrelease`` freed it) or
-``cooldown_s`` passes. PSI figures lag by their window, so a ``pressure``
-firing within one window of a kill is ignored as well.
+The victim queue of a domain goes first; then its policy. A decision starts
+the domain's cooldown (:class:`_Cooldown`). Every kill the kernel makes in a
+watched domain is logged too (``/dev/kmsg``, ``memory.events``).
 
 The kernel's own killer stays the safety net, always:
 
@@ -32,8 +37,9 @@ The kernel's own killer stays the safety net, always:
   the same events, logs what it would have done, and signals nothing.
 
 One event loop (``epoll``: PSI triggers report POLLPRI), no busy polling:
-eventfds, PSI fds, and a self-pipe for SIGTERM / SIGINT / SIGHUP; only the
-threshold and a margin above its usage threshold read on an interval. Every
+eventfds, PSI and memory.events fds, queued pidfds, /dev/kmsg, and a
+self-pipe for SIGTERM / SIGINT / SIGHUP; only the threshold and the margins
+are read on an interval. Every
 decision is one JSON line in the decision log and every kill one human line
 on stderr.
 """
@@ -62,11 +68,12 @@ from oomwarden.decision import Decision, Domain
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
-from oomwarden.policy.api import Event, Policy
+from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
+from oomwarden.queues import ProcessEntry, VictimQueue
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_oom_control, parse_proc_cgroup, parse_stat
@@ -84,7 +91,14 @@ from oomwarden.triggers import (
     TriggerGone,
     V2MarginSource,
 )
-from oomwarden.watchdog import DEFAULT_STATE_FILE, remove_state, restore, write_state
+from oomwarden.watchdog import (
+    DEFAULT_STATE_FILE,
+    StateError,
+    remove_state,
+    restore,
+    restore_state,
+    write_state,
+)
 
 #: How often a cgroup handed to the kernel is checked for the end of its OOM.
 HANDBACK_POLL_S = 0.1
@@ -101,6 +115,8 @@ SETTLE_S = 0.5
 #: vmpressure events and memory.events counts from before a kill may arrive
 #: after it.
 VMPRESSURE_LAG_S = 1.0
+#: How long /dev/kmsg gets to name a kill memory.events counted.
+KILLS_SETTLE_S = 0.5
 #: A cgroup handed to the kernel is taken back after the kernel killed, or
 #: after it stayed out of its OOM this long.
 TAKE_BACK_QUIET_S = 1.0
@@ -261,6 +277,10 @@ class _Watch:
     #: the cgroup has been out of its OOM.
     handed_kills: int | None = None
     quiet_since: float | None = None
+    #: Kernel kills named by /dev/kmsg since the last reconciliation, and
+    #: when memory.events first showed kills not yet reconciled.
+    kmsg_kills: int = 0
+    kills_seen_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -303,6 +323,8 @@ class Warden:
     _next_ping: float = 0.0
     _exit_code: int = 0
     _epoll: select.epoll | None = None
+    #: Victims queued ahead of time (the control socket fills it).
+    queue: VictimQueue = field(default_factory=VictimQueue)
     #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable).
     _kmsg: KmsgSource | None = None
     #: Lists the paused cgroups for ``oomwarden restore`` (None: none kept).
@@ -317,6 +339,7 @@ class Warden:
     def start(self) -> None:
         """Set every watch up, or none (a failure undoes what was done)."""
         self._protect_self()
+        self._restore_leftovers()
         try:
             os.makedirs(os.path.dirname(self.decision_log) or ".", exist_ok=True)
             self._log = open(self.decision_log, "a", buffering=1)  # noqa: SIM115
@@ -338,20 +361,19 @@ class Warden:
                                     "v2), without the victim")
             live = [w for w in self.watches if not (self.dry_run or w.spec.dry_run)]
             to_pause = [w for w in live if w.event_fd >= 0]
-            to_guard = [w for w in live if w.spec.high_guard_percent is not None
-                        and w.kind is HierarchyKind.V2]
-            for w in to_guard:
-                self._set_guard(w)
-            guarded = [w for w in to_guard if w.high_restore is not None]
-            if to_pause or guarded:
+            guards = [(w, g) for w in live if (g := self._plan_guard(w)) is not None]
+            if to_pause or guards:
                 # The watchdog is armed and the state file written *before*
-                # the first cgroup is paused: from the first write on, a dead
-                # warden is covered. (A guard is set first, then covered: it
-                # only throttles.)
+                # the first cgroup is paused or guarded: from the first write
+                # on, a dead warden is covered.
                 self._arm_watchdog([w.fs_path for w in to_pause]
-                                   + [f"high:{w.high_restore}:{w.fs_path}" for w in guarded])
+                                   + [f"high:{w.high_restore}:{w.inode}:{w.fs_path}"
+                                      for w, _ in guards])
                 self._write_state([(w.fs_path, w.inode, None) for w in to_pause]
-                                  + [(w.fs_path, w.inode, w.high_restore) for w in guarded])
+                                  + [(w.fs_path, w.inode, w.high_restore) for w, _ in guards])
+                for w, guard in guards:
+                    with open(os.path.join(w.fs_path, "memory.high"), "w") as f:
+                        f.write(str(guard))
                 for w in to_pause:
                     self._write_disable(w, "1")
                     w.paused = True
@@ -373,6 +395,24 @@ class Warden:
         if line.strip() != b"watching":
             raise DaemonError("the watchdog did not start: the kernel's killer is left in "
                               "charge")
+
+    def _restore_leftovers(self) -> None:
+        """A state file left by a warden killed with its watchdog (and no
+        ``oomwarden restore`` since): restore what it lists before anything
+        is read as "the original value"."""
+        if self.state_file is None or self._state_written:
+            return
+        try:
+            restored, skipped = restore_state(self.state_file)
+        except StateError as e:
+            if e.running:
+                raise DaemonError(f"{e}: give this warden another --state-file") from None
+            raise DaemonError(f"{e}: check it, then remove it (or run `oomwarden restore`)"
+                              ) from None
+        for what in restored:
+            self._say(f"left over by a warden that was killed: restored {what}")
+        for why in skipped:
+            self._say(f"left over by a warden that was killed: skipped {why}")
 
     def _write_state(self, cgroups: list[tuple[str, int, str | None]]) -> None:
         if self.state_file is None:
@@ -482,6 +522,12 @@ class Warden:
         if cg.path == "/":
             raise DaemonError("the root memory cgroup has no limit of its own")
         own = _own_memcg()
+        own2 = _own_cgroup2()
+        if (spec.high_guard_percent is not None and cg.kind is HierarchyKind.V2
+                and own2 is not None
+                and (own2 == cg.path or own2.startswith(cg.path.rstrip("/") + "/"))):
+            raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own2}: a memory.high "
+                              "guard there would throttle the warden with the others")
         if ("oom" in spec.triggers and cg.kind is HierarchyKind.V1 and own is not None
                 and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/"))):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
@@ -524,8 +570,9 @@ class Warden:
         watch's levels or the defaults) and the margin (its percent or 5 %)."""
         spec = w.spec
         oom = "oom" in spec.triggers
-        if oom or "events" in spec.triggers:
-            w.sources.append(EventsSource.open(w.fs_path))
+        # Always open: its oom_kill count logs the kernel's kills; it fires
+        # only with "events" (or "oom").
+        w.sources.append(EventsSource.open(w.fs_path, fires=oom or "events" in spec.triggers))
         if oom or "pressure" in spec.triggers:
             for line in (spec.pressure or Pressure()).trigger_lines():
                 w.sources.append(PsiSource.open(os.path.join(w.fs_path, "memory.pressure"),
@@ -533,34 +580,37 @@ class Warden:
         if oom or "margin" in spec.triggers:
             w.sources.append(V2MarginSource.open(w.fs_path, spec.margin_percent or 5.0))
 
-    def _set_guard(self, w: _Watch) -> None:
+    def _plan_guard(self, w: _Watch) -> int | None:
         """The memory.high guard: ``high_guard_percent`` below memory.max,
-        only lower than what is there; the old value is kept for the restore."""
+        only if lower than what is there. Returns the value to write (the old
+        one is kept in ``high_restore``), None for no guard. Nothing is
+        written here: the watchdog and the state file cover it first."""
         percent = w.spec.high_guard_percent
         if percent is None or w.kind is not HierarchyKind.V2:
-            return
+            return None
         with open(os.path.join(w.fs_path, "memory.max")) as f:
             limit = f.read().strip()
         with open(os.path.join(w.fs_path, "memory.high")) as f:
             old = f.read().strip()
         if limit == "max":
             self._say(f"{w.name}: no memory.high guard: memory.max is not set")
-            return
+            return None
         guard = int(int(limit) * (1 - percent / 100)) // PAGE_SIZE * PAGE_SIZE
         if old != "max" and int(old) <= guard:
             self._say(f"{w.name}: memory.high is {old} already, at or below the guard")
-            return
+            return None
         w.high_restore = old
-        with open(os.path.join(w.fs_path, "memory.high"), "w") as f:
-            f.write(str(guard))
+        return guard
 
     @staticmethod
     def _restore_guard(w: _Watch) -> None:
+        """memory.high back, if the cgroup is still the one guarded (inode)."""
         if w.high_restore is None:
             return
-        with contextlib.suppress(OSError), open(os.path.join(w.fs_path, "memory.high"),
-                                                "w") as f:
-            f.write(w.high_restore)
+        if _same_cgroup(w):
+            with contextlib.suppress(OSError), open(os.path.join(w.fs_path, "memory.high"),
+                                                    "w") as f:
+                f.write(w.high_restore)
         w.high_restore = None
 
     @staticmethod
@@ -634,6 +684,9 @@ class Warden:
                 self._register(src.fd, src.mask, (sysw, src))
         if self._kmsg is not None:
             self._register(self._kmsg.fd, self._kmsg.mask, self._kmsg)
+        for entry in self.queue.entries:
+            if isinstance(entry, ProcessEntry):
+                self._register(entry.pidfd, select.EPOLLIN, entry)
 
     def _unregister_all(self) -> None:
         assert self._epoll is not None
@@ -672,6 +725,8 @@ class Warden:
         for w in self.watches:
             if w.recheck_at is not None:
                 timeout = min(timeout, w.recheck_at - now)
+            if w.kills_seen_at is not None:
+                timeout = min(timeout, w.kills_seen_at + KILLS_SETTLE_S - now)
             for src in w.sources:
                 if src.next_poll is not None:
                     timeout = min(timeout, src.next_poll - now)
@@ -729,6 +784,7 @@ class Warden:
                 self._due()
         finally:
             self.stop()  # before the default handlers are back
+            self.queue.close()
             self._epoll.close()
             self._epoll = None
             self._fds.clear()
@@ -753,6 +809,9 @@ class Warden:
             except Exception as e:
                 self._hand_over(data, f"internal error: {type(e).__name__}: {e}")
             return
+        if isinstance(data, ProcessEntry):
+            self._queued_exited(data)
+            return
         if isinstance(data, KmsgSource):
             data.fired(events)
             for kill in data.kills:
@@ -768,20 +827,56 @@ class Warden:
         except OSError as e:
             self._say(f"{owner.name}: {src.trigger} trigger failed to read: {e}")
             return
-        if isinstance(src, EventsSource) and src.kernel_kills and isinstance(owner, _Watch):
-            if self._kmsg is None:
-                self._record_kernel_kill(owner, None, src.kernel_kills)
-            src.kernel_kills = 0
+        if isinstance(src, EventsSource) and src.kernel_kills and isinstance(owner, _Watch) \
+                and owner.kills_seen_at is None:
+            owner.kills_seen_at = time.monotonic()  # reconciled in _due
         self._fire(owner, src.trigger, detail)
 
+    def _reconcile_kills(self, w: _Watch) -> None:
+        """memory.events oom_kill rose by N; /dev/kmsg named M of those kills
+        in this domain. After KILLS_SETTLE_S (the kernel prints the kill after
+        it counts it), the N - M kills it did not name are logged without a
+        victim: the kernel prints one ``oom-kill:`` line per OOM, not per
+        member of a ``memory.oom.group``, and rate-limits them."""
+        events = next((src for src in w.sources if isinstance(src, EventsSource)), None)
+        if events is None or w.kills_seen_at is None:
+            return
+        if time.monotonic() - w.kills_seen_at < KILLS_SETTLE_S:
+            return
+        unnamed = events.kernel_kills - w.kmsg_kills
+        if unnamed > 0:
+            self._record_kernel_kill(w, None, unnamed)
+        events.kernel_kills = 0
+        w.kmsg_kills = 0
+        w.kills_seen_at = None
+
+    def _queued_exited(self, entry: ProcessEntry) -> None:
+        """A queued process exited before any OOM needed it: it leaves the
+        queue, and the log says so."""
+        self._unwatch_fd(entry.pidfd)
+        if entry in self.queue.entries:
+            self.queue.exited(entry)
+        self._write_record({"domain": entry.domain, "trigger": "queue", "policy": "queue",
+                            "victim": None, "event_detail": f"queue entry {entry.id}: pid "
+                            f"{entry.pid} ({entry.comm}) exited; it leaves the queue",
+                            "queue": {"head": None, "skipped": [{**entry.describe(),
+                                                                 "fate": "exited"}]},
+                            "time_ns": {"event": time.time_ns()}, "actions": [],
+                            "results": [], "dry_run": self.dry_run})
+
     def _kernel_kill(self, kill: KernelKill) -> None:
-        """A kill the kernel made: logged in the deepest watched domain whose
-        limit it was (``oom_memcg``); kills elsewhere are not ours to log."""
+        """A kill the kernel made: logged in the deepest watched domain that
+        holds the limit it was made at (``oom_memcg``) or the victim
+        (``task_memcg``: a limit above the domain, or a global OOM); kills
+        elsewhere are not ours to log."""
+        def within(path: str, w: _Watch) -> bool:
+            return bool(path) and (path == w.path or path.startswith(w.path.rstrip("/") + "/"))
         inside = [w for w in self.watches
-                  if kill.oom_memcg == w.path
-                  or kill.oom_memcg.startswith(w.path.rstrip("/") + "/")]
+                  if within(kill.oom_memcg, w) or within(kill.task_memcg, w)]
         if inside:
-            self._record_kernel_kill(max(inside, key=lambda w: len(w.path)), kill, 1)
+            w = max(inside, key=lambda w: len(w.path))
+            w.kmsg_kills += 1
+            self._record_kernel_kill(w, kill, 1)
 
     def _record_kernel_kill(self, w: _Watch, kill: KernelKill | None, count: int) -> None:
         now = time.time_ns()
@@ -792,7 +887,7 @@ class Warden:
                                                 "cgroup": kill.task_memcg}
         else:
             detail = (f"the kernel killed {count} process{'es' if count != 1 else ''} "
-                      "(memory.events oom_kill); /dev/kmsg gave no details")
+                      "(memory.events oom_kill) that /dev/kmsg did not name")
             victim = None
         record: dict[str, Any] = {
             "domain": w.name, "hierarchy": w.kind.value, "trigger": "kernel_kill",
@@ -816,6 +911,7 @@ class Warden:
         thresholds, history."""
         now = time.monotonic()
         for w in list(self.watches):
+            self._reconcile_kills(w)
             if w.recheck_at is not None and now >= w.recheck_at:
                 self._recheck_oom(w)
             for src in list(w.sources):
@@ -908,7 +1004,8 @@ class Warden:
         # No SIGTERM grace here: tasks waiting in a v1 OOM sleep killable, a
         # SIGTERM would only wait; hooks get a short leash for the same reason.
         executor = Executor(dry_run=dry, protect=frozenset(self._own_pids()),
-                            hook_timeout_s=EVENT_BUDGET_S, domain=("v1", w.path))
+                            hook_timeout_s=EVENT_BUDGET_S, domain=("v1", w.path),
+                            freeze=False)
         detail = ("memory.oom_control: under_oom (the kernel's killer paused)" if w.paused
                   else "memory.oom_control: OOM notification")
         try:
@@ -950,8 +1047,10 @@ class Warden:
             cg = next((c for c in snapshot.cgroups
                        if c.kind is owner.kind and c.path == owner.path), None)
             if cg is None or cg.inode != owner.inode:
-                self._say(f"{owner.name}: {trigger} fired, but the cgroup is gone or another "
-                          "one now")
+                if not _same_cgroup(owner):
+                    self._drop_watch(owner, "the cgroup is gone")
+                else:
+                    self._say(f"{owner.name}: {trigger} fired, but the cgroup could not be read")
                 return
             domain = cgroup_domain(snapshot, cg)
             confine = (owner.kind.value, owner.path)
@@ -981,7 +1080,12 @@ class Warden:
         no bytes, the domain's memory no better) is followed by the per-task
         selection of the same policy (DESIGN.md: the fallback), decided, acted
         on and logged as a second record. Returns the last decision and every
-        result."""
+        result. The domain's victim queue goes first: its oldest live entry is
+        killed before any policy runs."""
+        queued = self._from_queue(owner, domain, event, executor, event_ns=event_ns,
+                                  usage_before=usage_before)
+        if queued is not None:
+            return queued
         policy = owner.spec.policy
         history = self._history_for(snapshot, policy)
         decision = decide(snapshot, domain, policy, history=history, event=event,
@@ -1010,6 +1114,63 @@ class Warden:
         self._record(owner.name, fallback, more, (event_ns, decided_ns, time.time_ns()),
                      dry=dry, usage=(after, self._memory(owner)), detail=event.detail)
         return fallback, results + more
+
+    def _from_queue(self, owner: _Watch | _System, domain: Domain, event: Event,
+                    executor: Executor, *, event_ns: int, usage_before: int | None
+                    ) -> tuple[Decision, list[Result]] | None:
+        """Kill the oldest live queue entry of this domain; entries found dead
+        on the way, or whose kill is refused, leave the queue, and the record
+        says so. None: nothing in the queue was killed (the policy decides)."""
+        skipped: list[dict[str, Any]] = []
+        for _ in range(len(self.queue.entries) + 1):
+            entry, dead = self.queue.head(owner.name)
+            skipped += [{**e.describe(), "fate": why} for e, why in dead]
+            if entry is None:
+                break
+            action: Action
+            if isinstance(entry, ProcessEntry):
+                action = KillProcess(entry.pid, entry.start_ticks,
+                                     f"queue entry {entry.id} (pid {entry.pid}, {entry.comm})")
+            else:
+                action = KillCgroup(entry.kind.value, entry.path, entry.inode,
+                                    f"queue entry {entry.id} (cgroup {entry.path})")
+            decision = Decision(domain, "queue", (), None, trigger=event.trigger,
+                                actions=(action,), victim_kind="process"
+                                if isinstance(entry, ProcessEntry) else "cgroup",
+                                notes=(f"the oldest live entry of the victim queue of "
+                                       f"{owner.name}: entry {entry.id}",))
+            decided_ns = time.time_ns()
+            results = executor.run(decision.actions, {"OOMWARDEN_DOMAIN": owner.name})
+            owner.decisions += 1
+            fate = "killed" if any(r.ok for r in results) else \
+                "refused: " + "; ".join(r.detail for r in results)
+            if executor.dry_run and fate == "killed":
+                fate = "would be killed (dry run)"
+            elif entry in self.queue.entries:
+                self._unwatch_fd(entry.pidfd if isinstance(entry, ProcessEntry) else -1)
+                self.queue.remove(entry.id)
+            self._record(owner.name, decision, results, (event_ns, decided_ns, time.time_ns()),
+                         dry=executor.dry_run, usage=(usage_before, self._memory(owner)),
+                         detail=event.detail,
+                         queue={"head": {**entry.describe(), "fate": fate},
+                                "skipped": skipped})
+            if any(r.ok for r in results):
+                return decision, results
+            skipped.append({**entry.describe(), "fate": fate})
+        if skipped:
+            # nothing killed from the queue: the dead entries are still news
+            self._write_record({"domain": owner.name, "trigger": "queue", "policy": "queue",
+                                "victim": None, "event_detail": event.detail,
+                                "queue": {"head": None, "skipped": skipped},
+                                "time_ns": {"event": event_ns}, "actions": [],
+                                "results": [], "dry_run": executor.dry_run})
+        return None
+
+    def _unwatch_fd(self, fd: int) -> None:
+        if fd >= 0 and fd in self._fds and self._epoll is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+            del self._fds[fd]
 
     @staticmethod
     def _lag(owner: _Watch | _System) -> float:
@@ -1041,7 +1202,8 @@ class Warden:
             return threshold.level(100.0 * available / max(1, memory.mem_total),
                                    swap) is not None
         for src in owner.sources:
-            if isinstance(src, MarginSource | V2MarginSource):
+            if isinstance(src, MarginSource | V2MarginSource) or (
+                    isinstance(src, EventsSource) and src.fires):
                 try:
                     if src.over():
                         return True
@@ -1161,7 +1323,8 @@ class Warden:
 
     def _record(self, where: str, d: Decision, results: list[Result],
                 times_ns: tuple[int, int, int], *, dry: bool,
-                usage: tuple[int | None, int | None], detail: str) -> None:
+                usage: tuple[int | None, int | None], detail: str,
+                queue: dict[str, Any] | None = None) -> None:
         record = d.to_json(top=10)
         event_ns, decided_ns, done_ns = times_ns
         signals = [r.signal_ns for r in results if r.signal_ns is not None]
@@ -1181,6 +1344,7 @@ class Warden:
                         "exit": max(exits) if kills and len(exits) == len(kills) else None,
                         "done": done_ns},
             "event_detail": detail,
+            **({"queue": queue} if queue is not None else {}),
             "dry_run": dry,
             "freed_bytes": gained,
             "memory_bytes": {"what": "MemAvailable" if where == "system" else "usage",
@@ -1193,6 +1357,12 @@ class Warden:
         self._write_record(record)
         v = d.victim
         what = "would kill" if dry else "killed"
+        if queue is not None and queue.get("head"):
+            head = queue["head"]
+            target = (f"pid {head['pid']} ({head['comm']})" if head["kind"] == "process"
+                      else f"cgroup {head['cgroup']}")
+            self._say(f"{where}: {d.trigger}: queue entry {head['id']}: {target}: "
+                      f"{head['fate']}")
         if v is not None:
             self._say(f"{where}: {d.trigger}: {what} pid {v.task.pid} ({v.task.comm}) under "
                       f"{d.policy}, {v.points} points"
@@ -1352,6 +1522,16 @@ def _own_memcg() -> str | None:
     except (OSError, OomwardenError):
         return None
     return memcg
+
+
+def _own_cgroup2() -> str | None:
+    """This process's cgroup2 path."""
+    try:
+        with open("/proc/self/cgroup", "rb") as f:
+            _memcg, unified = parse_proc_cgroup(f.read())
+    except (OSError, OomwardenError):
+        return None
+    return unified
 
 
 def _gone(pid: int, start_ticks: int) -> bool:

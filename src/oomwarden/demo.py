@@ -60,9 +60,12 @@ def _confined(console: Console) -> int:
     v2 = memory_hierarchy(build_snapshot(SourceConfig())) is HierarchyKind.V2
     parent, why = own_v2_cgroup_dir() if v2 else own_v1_memcg_dir()
     if parent is None:
-        console.print(f"skipping the warden part: {why} (it needs a memory cgroup of its "
-                      "own to make a child in: on cgroup v2, run it from a cgroup whose "
-                      "children have the memory controller)")
+        hint = ("on cgroup v2 a cgroup holding processes (a session scope) cannot give "
+                "its children the memory controller: run it from a delegated cgroup with "
+                "+memory in its cgroup.subtree_control and no process of its own, e.g. "
+                "`systemd-run --scope -p Delegate=yes` and a leaf for the shell" if v2 else
+                "it needs a writable v1 memory cgroup of its own")
+        console.print(f"skipping the warden part: {why} ({hint})")
         return 0
     factory: MemcgFactory | V2Factory = (V2Factory(parent, prefix="oomwarden-demo") if v2
                                          else MemcgFactory(parent, prefix="oomwarden-demo"))

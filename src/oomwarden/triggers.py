@@ -336,7 +336,9 @@ class EventsSource(Source):
     def _read(self) -> dict[str, int]:
         try:
             data = os.pread(self.fd, 4096, 0)
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.ENODEV or not os.path.exists(self.path):
+                raise TriggerGone(f"{self.path}: the cgroup is gone") from None
             return dict(self.counts)
         if not data and not os.path.exists(self.path):
             raise TriggerGone(f"{self.path}: the cgroup is gone")
@@ -360,17 +362,33 @@ class EventsSource(Source):
         return f"memory.events: {', '.join(shown)}"
 
     def _at_a_boundary(self) -> bool:
-        """Whether usage is still near memory.high or memory.max (within
-        EVENTS_NEAR_PERCENT): the counters may have risen before a kill that
-        brought usage down since, and are then no reason for another."""
-        cgroup_dir = os.path.dirname(self.path)
+        """Whether the working set (``memory.current`` less ``inactive_file``)
+        is still near ``memory.high`` or ``memory.max`` (within
+        EVENTS_NEAR_PERCENT). The kernel counts ``high`` and ``max`` on every
+        charge that had to reclaim, page cache included: a cgroup reading
+        files sits at its limit with nothing wrong, and counts from before a
+        kill that has freed the memory since are no reason for another."""
         try:
-            usage = _read_int(cgroup_dir, "memory.current")
-            bounds = [b for b in (_read_v2_bound(cgroup_dir, "memory.high"),
-                                  _read_v2_bound(cgroup_dir, "memory.max")) if b is not None]
+            return self.over()
+        except TriggerGone:
+            raise
         except (OSError, ValueError):
             return True
-        return not bounds or usage >= min(bounds) * (1 - EVENTS_NEAR_PERCENT / 100)
+
+    def over(self) -> bool:
+        cgroup_dir = os.path.dirname(self.path)
+        try:
+            bounds = [b for b in (_read_v2_bound(cgroup_dir, "memory.high"),
+                                  _read_v2_bound(cgroup_dir, "memory.max")) if b is not None]
+            if not bounds:
+                return False
+            usage = _read_int(cgroup_dir, "memory.current")
+            near = min(bounds) * (1 - EVENTS_NEAR_PERCENT / 100)
+            if usage < near:
+                return False
+            return usage - _read_inactive_file(cgroup_dir) >= near
+        except FileNotFoundError:
+            raise TriggerGone(f"{cgroup_dir}: the cgroup is gone") from None
 
 
 @dataclass
@@ -502,12 +520,22 @@ class KmsgSource(Source):
         return None
 
     def _take(self, record: str) -> None:
-        text = record.split(";", 1)[1].split("\n", 1)[0] if ";" in record else record
+        """One /dev/kmsg record: ``PRIO,SEQ,TIME,FLAGS;TEXT``. Only the
+        kernel's own records count (facility 0): anyone may write to
+        /dev/kmsg, and a forged ``oom-kill:`` line must not become a record."""
+        prefix, _, rest = record.partition(";")
+        try:
+            if int(prefix.split(",", 1)[0]) >> 3 != 0:
+                return
+        except ValueError:
+            return
+        text = rest.split("\n", 1)[0]
         if text.startswith("oom-kill:"):
-            fields = dict(part.split("=", 1) for part in text[len("oom-kill:"):].split(",")
-                          if "=" in part)
-            with contextlib.suppress(KeyError, ValueError):
+            fields = parse_oom_kill(text)
+            if fields is not None:
                 self._pending[int(fields["pid"])] = fields
+                if len(self._pending) > MAX_KMSG_RECORDS:
+                    self._pending.clear()
             return
         at = text.find("Killed process ")
         if at < 0:
@@ -524,5 +552,31 @@ class KmsgSource(Source):
             pid=pid, comm=fields.get("task", comm), constraint=fields.get("constraint", ""),
             detail=text[at:]))
         del self.kills[:-MAX_KMSG_RECORDS]
-        if len(self._pending) > MAX_KMSG_RECORDS:
-            self._pending.clear()
+
+
+#: The longest comm (TASK_COMM_LEN - 1).
+_COMM_MAX = 15
+
+
+def parse_oom_kill(text: str) -> dict[str, str] | None:
+    """The fields of the kernel's ``oom-kill:`` line (``dump_oom_victim``):
+    ``oom-kill:constraint=C,nodemask=N,cpuset=S,mems_allowed=M,oom_memcg=P,
+    task_memcg=Q,task=COMM,pid=N,uid=U``. Cgroup paths and the comm may hold
+    commas, so the fields are found by position: ``pid`` and ``uid`` from the
+    end, ``task=`` within the last 15 characters before them, the two paths
+    between their own keys. None if the line does not have that shape."""
+    body = text.removeprefix("oom-kill:")
+    head, sep, tail = body.rpartition(",pid=")
+    pid, _, uid = tail.partition(",uid=")
+    if not sep or not pid.isdigit():
+        return None
+    task_at = head.find(",task=", max(0, len(head) - len(",task=") - _COMM_MAX))
+    task_memcg_at = head.rfind(",task_memcg=", 0, max(0, task_at))
+    if task_at < 0 or task_memcg_at < 0:
+        return None
+    oom_at = head.find(",oom_memcg=", 0, task_memcg_at)  # absent: a global OOM
+    constraint = head.split(",", 1)[0].removeprefix("constraint=")
+    return {"constraint": constraint,
+            "oom_memcg": head[oom_at + len(",oom_memcg="):task_memcg_at] if oom_at >= 0 else "",
+            "task_memcg": head[task_memcg_at + len(",task_memcg="):task_at],
+            "task": head[task_at + len(",task="):], "pid": pid, "uid": uid}

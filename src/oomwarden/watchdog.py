@@ -1,6 +1,6 @@
 """The watchdog: gives the kernel its OOM killer back if the warden dies.
 
-usage: python -m oomwarden.watchdog WARDEN_PID CGROUP_DIR|high:VALUE:CGROUP_DIR...
+usage: python -m oomwarden.watchdog WARDEN_PID CGROUP_DIR|high:VALUE:INODE:CGROUP_DIR...
 
 The warden pauses the kernel's killer in the memory cgroups it handles
 (v1 ``memory.oom_control`` oom_kill_disable=1). If the warden is SIGKILLed,
@@ -9,8 +9,9 @@ ever. This small process, in a session of its own and deaf to SIGINT,
 SIGTERM and SIGHUP, waits on a pidfd of the warden and, the moment the warden
 is gone, writes ``0`` to ``memory.oom_control`` of every cgroup it was given
 and of every cgroup below them (a child made while its parent was paused
-inherits the setting); an argument ``high:VALUE:DIR`` (a cgroup v2 memory.high
-guard) gets VALUE written back to ``DIR/memory.high``. It does nothing else,
+inherits the setting); an argument ``high:VALUE:INODE:DIR`` (a cgroup v2
+memory.high guard) gets VALUE written back to ``DIR/memory.high`` if DIR is
+still that inode. It does nothing else,
 and exits after restoring (or when the warden, exiting cleanly, has restored
 everything itself and kills it).
 
@@ -45,11 +46,13 @@ def restore(dirs: list[str]) -> int:
     failed = 0
     for top in dirs:
         if top.startswith("high:"):
-            _, value, directory = top.split(":", 2)
+            _, value, inode, directory = top.split(":", 3)
             try:
+                if os.stat(directory).st_ino != int(inode):
+                    continue  # removed and made again: not the cgroup guarded
                 with open(os.path.join(directory, "memory.high"), "w") as f:
                     f.write(value)
-            except OSError:
+            except (OSError, ValueError):
                 failed += 1
             continue
         for dirpath, _subdirs, files in os.walk(top):
@@ -82,13 +85,29 @@ def write_state(path: str, cgroups: list[tuple[str, int, str | None]]) -> None:
     os.replace(tmp, path)
 
 
+def _a_warden(pid: int) -> bool:
+    """Whether ``pid`` is a live oomwarden process (its command line says so)."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"oomwarden" in f.read()
+    except OSError:
+        return False
+
+
 def remove_state(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
 class StateError(Exception):
-    """The state file cannot be read or is not one the warden wrote."""
+    """The state file cannot be read, is not one the warden wrote, or belongs
+    to a warden that is running (``running``)."""
+
+    def __init__(self, message: str, running: bool = False) -> None:
+        super().__init__(message)
+        self.running = running
 
 
 def restore_state(path: str) -> tuple[list[str], list[str]]:
@@ -119,8 +138,12 @@ def restore_state(path: str) -> tuple[list[str], list[str]]:
             raise ValueError
         if any(h is not None and not (h == "max" or h.isdigit()) for _, _, h in entries):
             raise ValueError
+        owner = int(state.get("pid", 0))
     except (ValueError, TypeError, KeyError, AttributeError):
         raise StateError(f"{path}: not a state file written by oomwarden") from None
+    if owner != os.getpid() and _a_warden(owner):
+        raise StateError(f"{path} belongs to a warden that is running (pid {owner})",
+                         running=True)
     restored: list[str] = []
     skipped: list[str] = []
     for directory, inode, high in entries:
@@ -137,7 +160,7 @@ def restore_state(path: str) -> tuple[list[str], list[str]]:
             skipped.append(f"{directory}: gone")
             continue
         if high is not None:
-            if restore([f"high:{high}:{directory}"]):
+            if restore([f"high:{high}:{inode}:{directory}"]):
                 skipped.append(f"{directory}: could not write memory.high")
             else:
                 restored.append(f"memory.high of {directory} (to {high})")

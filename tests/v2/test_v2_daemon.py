@@ -174,3 +174,67 @@ def test_the_watchdog_restores_memory_high_when_the_warden_dies(
                    lambda: int(cg.read("memory.high")) == 120 * MiB, timeout=30)
     finally:
         warden.stop()
+
+
+def test_page_cache_at_the_limit_is_no_reason_to_kill(v2_factory: V2Factory,
+                                                      tmp_path: Path) -> None:
+    """A cgroup reading files sits at memory.max with `high`/`max` counted on
+    every reclaiming charge: `oom` (events, PSI, margin) must not kill for
+    that (the review saw 6 kills in 10 s before the working-set check)."""
+    cg = v2_factory.create(96 * MiB)
+    # On the project's 9p share (cache=loose): real page cache; the guest's
+    # /tmp and /var/tmp are tmpfs, whose pages would stay charged to the writer.
+    data = Path(__file__).resolve().parents[2] / ".cache" / f"oomwarden-cache-{os.getpid()}.bin"
+    data.parent.mkdir(exist_ok=True)
+    with open(data, "wb") as f:
+        for _ in range(160):
+            f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    database = cg.start_hog(16, name="database")
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\n"
+         f"open({str(cg.path / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+         "end = time.monotonic() + 120\n"
+         "while time.monotonic() < end:\n"
+         f"    fd = os.open({str(data)!r}, os.O_RDONLY)\n"
+         "    while os.read(fd, 1 << 20): pass\n"
+         "    os.close(fd)\n"])
+    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["oom"]\npolicy = "kernel"')
+    try:
+        warden.wait_for("watching 1 memory cgroup (oom)", timeout=START_S)
+        wait_until("page cache filled the cgroup",
+                   lambda: events(cg).get("max", 0) > 0, timeout=60)
+        time.sleep(10)
+        assert database.proc.poll() is None and reader.poll() is None
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+        data.unlink(missing_ok=True)
+        assert warden.stop() == 0
+    assert [r for r in warden.records() if r["victim"]] == []
+
+
+def test_every_kill_of_an_oom_group_is_logged(v2_factory: V2Factory, tmp_path: Path) -> None:
+    """The kernel prints one oom-kill line per OOM, not one per member of a
+    memory.oom.group: the members it did not name are logged from the
+    memory.events count, so the logged kills add up to oom_kill."""
+    cg = v2_factory.create(96 * MiB, oom_group=True)
+    sleepers = [v2_factory.start_sleeper(cg), v2_factory.start_sleeper(cg)]
+    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"',
+                    "--dry-run")
+    try:
+        warden.wait_for("watching 1 memory cgroup (events)", timeout=START_S)
+        grower = cg.start_grower(200)
+        assert grower.proc.wait(timeout=60) == -signal.SIGKILL
+        for s in sleepers:
+            assert s.wait(timeout=30) == -signal.SIGKILL
+        killed = events(cg)["oom_kill"]
+        wait_until("every kill logged", lambda: sum(
+            int(r["kernel_kills"]) for r in warden.records()  # type: ignore[call-overload]
+            if r["trigger"] == "kernel_kill") >= killed, timeout=30)
+    finally:
+        assert warden.stop() == 0
+    logged = [r for r in warden.records() if r["trigger"] == "kernel_kill"]
+    assert sum(int(r["kernel_kills"]) for r in logged) == killed  # type: ignore[call-overload]

@@ -154,6 +154,9 @@ class Executor:
     domain: tuple[str, str] | None = None
     protect: frozenset[int] = field(default_factory=frozenset)
     clock: Callable[[], float] = time.monotonic
+    #: Freeze a v1 cgroup's twin before killing it one by one (off on an OOM
+    #: event, whose tasks are paused in the kernel already).
+    freeze: bool = True
     #: Open pidfds -> (pid, start time in ticks), as checked when opened.
     _identity: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
@@ -425,7 +428,13 @@ class Executor:
         # the cgroup2 hierarchy, or in a v1 freezer hierarchy) holding exactly
         # the same processes can kill them at once, or freeze them so that
         # none escapes by forking while they are killed one by one.
-        twin = self._twin(action.path, members) if complete and not self.term_only else None
+        # Never freeze what holds the warden, its watchdog or pid 1 (they
+        # would stop with the rest), and not while the cgroup's tasks are
+        # paused in a v1 OOM: they sleep killable, and the freezer waits in vain.
+        own = {os.getpid(), 1, *self.protect}
+        twin = (self._twin(action.path, members)
+                if action.kind == "v1" and complete and not self.term_only and self.freeze
+                and not own & set(members) else None)
         if twin is not None and atomic and os.path.exists(os.path.join(twin, "cgroup.kill")):
             return self._cgroup_kill(twin, f"{action.path} (its cgroup2 twin {twin})",
                                      members, started)
