@@ -34,7 +34,7 @@ class Warden:
         self.state_file = config.parent / "paused.json"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
-             "--state-file", str(self.state_file), *extra],
+             "--state-file", str(self.state_file), "--socket", "none", *extra],
             stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self._seen = 0
@@ -405,7 +405,7 @@ def test_it_tells_systemd_it_is_ready(cg: ChildMemcg, tmp_path: Path) -> None:
         sock.settimeout(20)
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "2000000"}
         proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config",
-                                 str(config(tmp_path, cg)), "--dry-run"],
+                                 str(config(tmp_path, cg)), "--dry-run", "--socket", "none"],
                                 env=env, stderr=subprocess.DEVNULL)
         try:
             messages = {sock.recv(256).decode() for _ in range(2)}
@@ -601,7 +601,8 @@ def test_a_state_file_of_a_running_warden_is_not_touched(cg: ChildMemcg,
         other = tmp_path / "other"
         other.mkdir()
         done = subprocess.run(
-            [sys.executable, "-m", "oomwarden.cli", "run", "--dry-run", "--config",
+            [sys.executable, "-m", "oomwarden.cli", "run", "--dry-run", "--socket", "none",
+             "--config",
              str(config(other, cg)), "--state-file", str(first.state_file)],
             capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 2

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--dry-run", action="store_true",
                     help="decide and log, but never pause the kernel's killer and never "
                     "signal or delete anything")
+    rn.add_argument("--socket", metavar="PATH",
+                    help="serve the control socket at PATH instead of the config's "
+                    "control_socket; 'none': no control socket")
     rn.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
                     help="where to list the cgroups whose OOM killer the warden paused, for "
                     f"`oomwarden restore` (default {DEFAULT_STATE_FILE})")
@@ -224,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"oomwarden: {line}\n")
     warden = warden_from_config(config, dry_run=args.dry_run)
     warden.state_file = args.state_file
+    if args.socket is not None:
+        warden.control_socket = None if args.socket == "none" else args.socket
     if args.config:
         path = args.config
         warden.reload = lambda: warden_from_config(load_config(path), dry_run=args.dry_run)

@@ -57,6 +57,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -64,16 +65,18 @@ from typing import Any, TextIO
 
 from oomwarden.actions.executor import HOOK_TIMEOUT_S, Executor, Result
 from oomwarden.config import Config, Pressure, Threshold
+from oomwarden.control import ControlServer
+from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
 from oomwarden.domains import resolve_cgroup
-from oomwarden.errors import ConfigError, OomwardenError
+from oomwarden.errors import ConfigError, ControlError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
 from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
-from oomwarden.queues import ProcessEntry, VictimQueue
+from oomwarden.queues import CgroupEntry, ProcessEntry, VictimQueue
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_oom_control, parse_proc_cgroup, parse_stat
@@ -115,6 +118,10 @@ SETTLE_S = 0.5
 #: vmpressure events and memory.events counts from before a kill may arrive
 #: after it.
 VMPRESSURE_LAG_S = 1.0
+#: How many decisions ``status`` shows.
+LAST_DECISIONS = 20
+#: How long one round of the control socket may take in the loop.
+CONTROL_BUDGET_S = 0.01
 #: How long /dev/kmsg gets to name a kill memory.events counted.
 KILLS_SETTLE_S = 0.5
 #: A cgroup handed to the kernel is taken back after the kernel killed, or
@@ -325,6 +332,17 @@ class Warden:
     _epoll: select.epoll | None = None
     #: Victims queued ahead of time (the control socket fills it).
     queue: VictimQueue = field(default_factory=VictimQueue)
+    #: The control socket's path (None: not served), the config file (None:
+    #: the built-in defaults), for ``status``.
+    control_socket: str | None = None
+    config_path: str | None = None
+    started_ns: int = field(default_factory=time.time_ns)
+    #: The last decisions, summed up for ``status``; the kernel's kills per
+    #: domain since start.
+    last_decisions: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=LAST_DECISIONS))
+    kernel_kill_counts: dict[str, int] = field(default_factory=dict)
+    _control: ControlServer | None = None
     #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable).
     _kmsg: KmsgSource | None = None
     #: Lists the paused cgroups for ``oomwarden restore`` (None: none kept).
@@ -475,11 +493,12 @@ class Warden:
             self._notify("WATCHDOG=1")
             self._next_ping = now + int(usec) / 2e6
 
-    def _reload(self) -> None:
-        """SIGHUP: the config anew. A bad config keeps the old one running."""
+    def _reload(self) -> str | None:
+        """SIGHUP (or ``reload`` on the control socket): the config anew. A
+        bad config keeps the old one running. Returns why it failed, or None."""
         if self.reload is None:
             self._say("SIGHUP: no config file to reload")
-            return
+            return "no config file to reload"
         try:
             fresh = self.reload()
             # The new watches are checked before the running ones are given
@@ -489,7 +508,7 @@ class Warden:
                 self._check_watch(spec, snapshot)
         except OomwardenError as e:
             self._say(f"reload failed, keeping the running config: {e}")
-            return
+            return str(e)
         self._unregister_all()
         self.stop()
         self.specs, self.systems = fresh.specs, fresh.systems
@@ -500,9 +519,10 @@ class Warden:
             self._say(f"reload failed while setting up, the kernel's killer is in charge: {e}")
             self._stop = True
             self._exit_code = EXIT_FAILED
-            return
+            return f"failed while setting up, the warden stops: {e}"
         self._register_all()
         self._say(f"reloaded: {self._summary()}")
+        return None
 
     @staticmethod
     def _check_watch(spec: WatchSpec, snapshot: Any) -> Cgroup:
@@ -689,9 +709,11 @@ class Warden:
                 self._register(entry.pidfd, select.EPOLLIN, entry)
 
     def _unregister_all(self) -> None:
+        """Every watch's fds out of the loop (the signal pipe and the control
+        socket stay: they outlive a reload)."""
         assert self._epoll is not None
         for fd, data in list(self._fds.items()):
-            if data is not None:
+            if data is not None and not isinstance(data, ControlServer):
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(fd)
                 del self._fds[fd]
@@ -735,6 +757,10 @@ class Warden:
                 timeout = min(timeout, sysw.next_check - now)
         if self._needs_history():
             timeout = min(timeout, self._next_history - now)
+        if self._control is not None:
+            deadline = self._control.next_deadline()
+            if deadline is not None:
+                timeout = min(timeout, deadline - now)
         return max(0.0, timeout)
 
     def run(self) -> int:
@@ -765,6 +791,21 @@ class Warden:
         self._epoll = select.epoll()
         self._register(read_end, select.EPOLLIN, None)
         self._register_all()
+        if self.control_socket is not None:
+            try:
+                self._control = ControlServer(self.control_socket, WardenControl(self),
+                                              log=self._say)
+            except (ControlError, OSError) as e:
+                self.stop()
+                self._epoll.close()
+                self._epoll = None
+                signal.set_wakeup_fd(old_wakeup)
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+                os.close(read_end)
+                os.close(write_end)
+                raise DaemonError(f"cannot serve the control socket: {e}") from None
+            self._register(self._control.fileno(), select.EPOLLIN, self._control)
         self._say(self._summary()
                   + (" (dry run: the kernel's killer stays in charge)" if self.dry_run else ""))
         self._notify("READY=1")
@@ -784,6 +825,9 @@ class Warden:
                 self._due()
         finally:
             self.stop()  # before the default handlers are back
+            if self._control is not None:
+                self._control.close()
+                self._control = None
             self.queue.close()
             self._epoll.close()
             self._epoll = None
@@ -811,6 +855,9 @@ class Warden:
             return
         if isinstance(data, ProcessEntry):
             self._queued_exited(data)
+            return
+        if isinstance(data, ControlServer):
+            data.handle(CONTROL_BUDGET_S)
             return
         if isinstance(data, KmsgSource):
             data.fired(events)
@@ -895,6 +942,7 @@ class Warden:
             "dry_run": self.dry_run or w.spec.dry_run, "actions": [], "results": [],
             "time_ns": {"event": now}}
         self._write_record(record)
+        self.kernel_kill_counts[w.name] = self.kernel_kill_counts.get(w.name, 0) + count
         self._say(f"{w.name}: {detail}")
 
     def _fire(self, owner: _Watch | _System, trigger: str, detail: str | None,
@@ -935,6 +983,10 @@ class Warden:
                     sysw.next_check = time.monotonic() + IDLE_S
         if self._needs_history() and time.monotonic() >= self._next_history:
             self._keep_history()
+        if self._control is not None:
+            deadline = self._control.next_deadline()
+            if deadline is not None and time.monotonic() >= deadline:
+                self._control.tick(CONTROL_BUDGET_S)
 
     def _rearm(self, w: _Watch, src: MarginSource) -> None:
         old = src.fd
@@ -1356,6 +1408,12 @@ class Warden:
         })
         self._write_record(record)
         v = d.victim
+        head = (queue or {}).get("head")
+        self.last_decisions.append({
+            "time_ns": event_ns, "domain": where, "trigger": d.trigger, "policy": d.policy,
+            "victim": None if v is None else {"pid": v.task.pid, "comm": v.task.comm,
+                                              "cgroup": v.cgroup_path()},
+            "queue_entry": head["id"] if head else None, "dry_run": dry})
         what = "would kill" if dry else "killed"
         if queue is not None and queue.get("head"):
             head = queue["head"]
@@ -1385,6 +1443,26 @@ class Warden:
         return {"OOMWARDEN_DOMAIN": d.domain.name, "OOMWARDEN_VICTIM_PID": str(v.task.pid),
                 "OOMWARDEN_VICTIM_COMM": v.task.comm,
                 "OOMWARDEN_VICTIM_CGROUP": v.cgroup_path() or ""}
+
+    def say(self, line: str) -> None:
+        self._say(line)
+
+    def own_pids(self) -> set[int]:
+        return self._own_pids()
+
+    def watch_queued(self, entry: ProcessEntry | CgroupEntry) -> None:
+        """A new queue entry: its pidfd joins the loop (its exit is news)."""
+        if isinstance(entry, ProcessEntry) and self._epoll is not None:
+            self._register(entry.pidfd, select.EPOLLIN, entry)
+
+    def unwatch_queued(self, entry: ProcessEntry | CgroupEntry) -> None:
+        if isinstance(entry, ProcessEntry):
+            self._unwatch_fd(entry.pidfd)
+
+    def reload_now(self) -> str | None:
+        """A reload asked for on the control socket: None, or why it failed
+        (the running config stays)."""
+        return self._reload()
 
     def _own_pids(self) -> set[int]:
         pids = {os.getpid()}
@@ -1504,7 +1582,9 @@ def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
                                w.high_guard_percent)
                      for p in paths)
     return Warden(specs, config.decision_log, systems=systems,
-                  budget_s=config.budget_ms / 1000, dry_run=dry_run)
+                  budget_s=config.budget_ms / 1000, dry_run=dry_run,
+                  control_socket=config.control_socket,
+                  config_path=None if config.builtin_default else config.source)
 
 
 def restore_subtree(fs_path: str) -> None:

@@ -308,7 +308,8 @@ def start_warden(cg: ChildMemcg, workdir: str, policy: str = "kernel",
                 f'policy = "{policy}"\n{extra}\n')
     os.chmod(config, 0o644)
     proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config", config,
-                             "--state-file", os.path.join(workdir, "paused.json")],
+                             "--state-file", os.path.join(workdir, "paused.json"),
+                             "--socket", "none"],
                             stderr=subprocess.PIPE)
     assert proc.stderr is not None
     if not wait_for_line(proc.stderr.fileno(), "watching", timeout):

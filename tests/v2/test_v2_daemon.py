@@ -36,7 +36,8 @@ class Warden:
         config.chmod(0o644)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
-             "--state-file", str(tmp_path / "paused.json"), *extra], stderr=subprocess.PIPE)
+             "--state-file", str(tmp_path / "paused.json"), "--socket", "none", *extra],
+            stderr=subprocess.PIPE)
         self.lines: list[str] = []
         self._partial = b""
         self._seen = 0
