@@ -806,6 +806,7 @@ class Warden:
                 os.close(write_end)
                 raise DaemonError(f"cannot serve the control socket: {e}") from None
             self._register(self._control.fileno(), select.EPOLLIN, self._control)
+            self._say(f"serving the control socket at {self.control_socket}")
         self._say(self._summary()
                   + (" (dry run: the kernel's killer stays in charge)" if self.dry_run else ""))
         self._notify("READY=1")
@@ -903,6 +904,8 @@ class Warden:
         self._unwatch_fd(entry.pidfd)
         if entry in self.queue.entries:
             self.queue.exited(entry)
+        self._say(f"{entry.domain}: queue entry {entry.id}: pid {entry.pid} ({entry.comm}) "
+                  "exited; it leaves the queue")
         self._write_record({"domain": entry.domain, "trigger": "queue", "policy": "queue",
                             "victim": None, "event_detail": f"queue entry {entry.id}: pid "
                             f"{entry.pid} ({entry.comm}) exited; it leaves the queue",
