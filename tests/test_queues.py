@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from oomwarden.control import call
+from oomwarden.control import RequestError, call
 from test_daemon import GROWER_MIB, Warden, config, decisions, oom_control, scene, wait_dead
 
 from kernelenv import ChildMemcg, MemcgFactory
@@ -140,3 +140,35 @@ def test_a_cgroup_made_again_under_the_queued_name_is_not_hit(cg: ChildMemcg, tm
     skipped = stale[0]["queue"]["skipped"]  # type: ignore[index]
     assert skipped[0]["id"] == entry["id"]
     assert "made again: another inode" in skipped[0]["fate"]
+
+
+def test_explain_status_and_reload_over_the_socket(cg: ChildMemcg, tmp_path: Path,
+                                                   sock: str) -> None:
+    big, favoured = scene(cg)
+    path = config(tmp_path, cg)
+    warden = Warden(path, "--dry-run", "--socket", sock)
+    try:
+        warden.wait_for(f"serving the control socket at {sock}")
+        decision = call(sock, {"op": "explain", "cgroup": cg.hierarchy_path, "top": 2})
+        body = decision["decision"]
+        assert isinstance(body, dict) and body["domain"] == f"cgroup:{cg.hierarchy_path}"
+        assert body["victim"]["pid"] == favoured.pid  # the kernel's choice (adj 500)
+        assert len(body["candidates"]) == 2 and "exe" not in body["victim"]
+        with pytest.raises(RequestError) as refused:
+            call(sock, {"op": "explain", "policy": str(tmp_path / "evil.py")})
+        assert refused.value.code == "forbidden"
+        status = call(sock, {"op": "status"})
+        assert status["dry_run"] is True and status["config"] == str(path)
+        assert [w["domain"] for w in status["watches"]] == [  # type: ignore[union-attr]
+            f"cgroup:{cg.hierarchy_path}"]
+        assert call(sock, {"op": "reload"}) == {"config": str(path), "watches": 1}
+        warden.wait_for("reloaded:")
+        path.write_text(path.read_text() + "\nbogus = 1\n")
+        with pytest.raises(RequestError) as bad:
+            call(sock, {"op": "reload"})
+        assert bad.value.code == "bad_config" and "bogus" in bad.value.message
+        assert call(sock, {"op": "status"})["watches"]  # still watching, old config
+    finally:
+        assert warden.stop() == 0
+    assert not os.path.exists(sock)
+    assert big.proc.poll() is None
