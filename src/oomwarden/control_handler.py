@@ -89,10 +89,17 @@ class WardenControl:
         raise RequestError("not_found", f"no watched domain holds {what} (its cgroup: "
                            f"{cgroup})")
 
-    def _kind(self) -> HierarchyKind:
-        kinds = {w.kind for w in self.w.watches}
-        return kinds.pop() if len(kinds) == 1 else HierarchyKind.V1 \
-            if not kinds else HierarchyKind.V2
+    @staticmethod
+    def _kind() -> HierarchyKind:
+        """The hierarchy that has the memory controller (where a queued
+        process's cgroup is read): v2 where a cgroup2 hierarchy has it."""
+        try:
+            hierarchies = find_hierarchies()
+        except OomwardenError:
+            return HierarchyKind.V1
+        if any(h.kind is HierarchyKind.V2 and h.has_memory for h in hierarchies):
+            return HierarchyKind.V2
+        return HierarchyKind.V1
 
     def victim_add(self, request: VictimAdd, peer: Peer) -> JsonObject:
         queue = self.w.queue
