@@ -36,6 +36,7 @@ from oomwarden.policy.history import History
 from oomwarden.policy.registry import load_policy
 from oomwarden.sources.procfs import ReadOptions, with_details
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.trace_cli import add_trace_commands, cmd_record, cmd_replay
 from oomwarden.units import fmt_bytes
 from oomwarden.watchdog import DEFAULT_STATE_FILE, StateError, restore_state
 
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
                     help=f"the state file (default {DEFAULT_STATE_FILE})")
     _add_control_commands(sub)
+    add_trace_commands(sub)
     return parser
 
 
@@ -618,6 +620,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_victim(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "record":
+            return cmd_record(args)
+        if args.command == "replay":
+            return cmd_replay(args)
     except OomwardenError as e:
         sys.stderr.write(f"oomwarden: error: {e}\n")
         return EXIT_USAGE

@@ -13,8 +13,9 @@ boundary, in one place per source, so that callers only ever catch this tree::
     ├── PolicyError         an unknown policy name or a policy that cannot be loaded
     ├── ConfigError         a daemon config file that cannot be read or is wrong
     ├── DaemonError         the daemon cannot set a watch up (oomwarden.daemon)
-    └── ControlError        the control socket: cannot listen, no daemon, no answer
-        └── RequestError    a request refused, with its code (oomwarden.control)
+    ├── ControlError        the control socket: cannot listen, no daemon, no answer
+    │   └── RequestError    a request refused, with its code (oomwarden.control)
+    └── TraceError          a trace file that is not one, of another version, or corrupt
 
 Messages carry the values and the places involved, e.g.
 ``MemAvailable (X) cannot exceed MemTotal (Y)``.
@@ -56,3 +57,8 @@ class ControlError(OomwardenError):
     """The control socket cannot be served (the path is taken, not a socket)
     or a client gets no answer (no daemon listening, a timeout): one line
     naming the socket."""
+
+
+class TraceError(OomwardenError):
+    """A trace file cannot be read: not a trace, another format version, or
+    corrupt (one line naming the file and the record)."""

@@ -1,0 +1,346 @@
+"""``oomwarden record`` and ``oomwarden replay`` (docs/trace-format.md).
+
+Kept apart from :mod:`oomwarden.cli`, which only adds the two subcommands
+and dispatches to :func:`cmd_record` and :func:`cmd_replay`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from types import FrameType
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from oomwarden.domains import resolve_cgroup
+from oomwarden.errors import OomwardenError
+from oomwarden.policy.decide import DEFAULT_BUDGET_S
+from oomwarden.policy.registry import load_policy
+from oomwarden.replay import (
+    PolicyRun,
+    ReplayPoint,
+    describe_outcome,
+    parse_triggers,
+    replay,
+)
+from oomwarden.sources.procfs import ReadOptions
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.trace import DEFAULT_LEVEL, TraceStats, TraceWriter, open_trace
+from oomwarden.units import fmt_bytes
+
+#: Snapshots at most this often (a snapshot of 2,000 tasks takes ~50 ms) and
+#: at least this often.
+MIN_INTERVAL_S = 0.05
+MAX_INTERVAL_S = 3600.0
+MAX_DURATION_S = 30 * 24 * 3600.0
+#: Off a terminal, the progress line is written this often (not overwritten).
+PLAIN_PROGRESS_S = 10.0
+#: Reasons shown per victim in the replay table.
+TABLE_REASONS = 2
+
+
+def _interval(text: str) -> float:
+    return _bounded(text, MIN_INTERVAL_S, MAX_INTERVAL_S)
+
+
+def _duration(text: str) -> float:
+    return _bounded(text, MIN_INTERVAL_S, MAX_DURATION_S)
+
+
+def _bounded(text: str, low: float, high: float) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {value:g}")
+    return value
+
+
+def _level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {text!r}") from None
+    if not 1 <= value <= 9:
+        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {value}")
+    return value
+
+
+def _top(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def add_trace_commands(sub: argparse._SubParsersAction[Any]) -> None:
+    rc = sub.add_parser(
+        "record",
+        help="record a trace of snapshots, for `oomwarden replay`",
+        description="Take a snapshot every --interval seconds (the whole system, or one "
+        "cgroup subtree) and write each to FILE as it is taken: a compressed, versioned "
+        "stream (docs/trace-format.md). Stops at --duration, Ctrl-C or SIGTERM; a killed "
+        "recorder leaves a readable trace.",
+    )
+    rc.add_argument("--out", required=True, metavar="FILE", help="the trace file (replaced)")
+    rc.add_argument("--interval", type=_interval, default=1.0, metavar="S",
+                    help="seconds between snapshots (default 1)")
+    rc.add_argument("--duration", type=_duration, default=None, metavar="S",
+                    help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
+    rc.add_argument("--cgroup", metavar="PATH",
+                    help="only this cgroup subtree (as `explain --cgroup` takes it)")
+    rc.add_argument("--details", action="store_true",
+                    help="also read every process's exe and cmdline (policies matching "
+                    "names need them; costs one more read per process)")
+    rc.add_argument("--level", type=_level, default=DEFAULT_LEVEL, metavar="N",
+                    help=f"gzip level 1..9 (default {DEFAULT_LEVEL})")
+    rc.add_argument("--no-compress", action="store_true", help="plain JSON lines")
+    rc.add_argument("--no-delta", action="store_true",
+                    help="every process and cgroup in full in every snapshot")
+    rp = sub.add_parser(
+        "replay",
+        help="run policies over a recorded trace: each one's victim, where they disagree",
+        description="Walk a trace; wherever a trigger would have fired (and at every "
+        "snapshot with --every) run each policy, with the history the daemon would have "
+        "had, and report each one's victim and reasons.",
+    )
+    rp.add_argument("file", metavar="FILE", help="a trace from `oomwarden record`")
+    rp.add_argument("--policy", action="append", metavar="SPEC",
+                    help="a policy SPEC; repeat to compare (default: kernel)")
+    rp.add_argument("--every", action="store_true",
+                    help="decide at every snapshot too, in the --cgroup domain (default: the "
+                    "recorded cgroup, or the system)")
+    rp.add_argument("--json", action="store_true", help="one JSON object per point")
+    rp.add_argument("--cgroup", metavar="PATH",
+                    help="only this memory cgroup's domain (as `explain --cgroup` takes it)")
+    rp.add_argument("--trigger", action="append", metavar="SPEC",
+                    help="oom, limit, margin[:PERCENT], threshold[:MEM[:SWAP]], "
+                    "pressure[:full=P][,some=P]; repeat (default: oom, margin:10, "
+                    "threshold:10, pressure:full=40)")
+    rp.add_argument("--top", type=_top, default=5, metavar="N",
+                    help="candidates per decision in --json (default 5)")
+
+
+# -- record -----------------------------------------------------------------------------
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag and wake the sleep (a self-pipe): a record
+    is never cut in the middle by a signal."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.rfd = -1
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal = signum
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0 and self.signal is None:
+            select.select([self.rfd], [], [], seconds)
+            with suppress(OSError):
+                os.read(self.rfd, 512)
+
+
+@contextmanager
+def _stoppable() -> Iterator[_Stop]:
+    stop = _Stop()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    stop.rfd = rfd
+    old_fd = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    old = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        signal.set_wakeup_fd(old_fd)
+        os.close(rfd)
+        os.close(wfd)
+
+
+def _progress(stats: TraceStats, err: TextIO, path: str) -> str:
+    per = stats.bytes_per_kilotask
+    ms = statistics.median(stats.seconds) * 1000 if stats.seconds else 0.0
+    mean = stats.tasks / stats.snapshots if stats.snapshots else 0
+    return (f"{path}: {stats.snapshots} snapshots, {mean:.0f} tasks each, "
+            f"{fmt_bytes(stats.bytes_written)} written, "
+            f"{'-' if per is None else f'{per:,.0f}'} B per snapshot per 1,000 tasks, "
+            f"{ms:.0f} ms per snapshot")
+
+
+def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
+    err = err or sys.stderr
+    read = ReadOptions(details=args.details)
+    only: tuple[str, str] | None = None
+    if args.cgroup is not None:
+        first = build_snapshot(SourceConfig(cgroup_stat=False))
+        cg = resolve_cgroup(first, args.cgroup)
+        only = (cg.kind.value, cg.path)
+    config = SourceConfig(read=read, only=only)
+    options: dict[str, Any] = {
+        "interval_s": args.interval, "duration_s": args.duration,
+        "cgroup": None if only is None else {"kind": only[0], "path": only[1]},
+        "details": args.details, "cgroup_stat": config.cgroup_stat,
+        "level": None if args.no_compress else args.level,
+    }
+    terminal = err.isatty()
+    stats = TraceStats()
+    reason = "stopped"
+    with open(args.out, "wb") as out, _stoppable() as stop:
+        writer = TraceWriter(out, options=options, compress=not args.no_compress,
+                             level=args.level, delta=not args.no_delta)
+        started = time.monotonic()
+        next_at = started
+        shown_at = started
+        try:
+            while True:
+                wall = time.time_ns()
+                t0 = time.perf_counter()
+                snapshot = build_snapshot(config)
+                if only is not None and not any(
+                        c.kind.value == only[0] and c.path == only[1] for c in snapshot.cgroups):
+                    reason = f"the cgroup {only[0]}:{only[1]} is gone"
+                    break
+                writer.write(snapshot, wall)
+                stats.seconds.append(time.perf_counter() - t0)
+                stats.snapshots, stats.tasks = writer.snapshots, writer.tasks
+                stats.bytes_written = writer.bytes_written
+                now = time.monotonic()
+                if terminal:
+                    err.write("\r" + _progress(stats, err, args.out) + "\x1b[K")
+                    err.flush()
+                elif now - shown_at >= PLAIN_PROGRESS_S or stats.snapshots == 1:
+                    err.write("oomwarden: recording " + _progress(stats, err, args.out) + "\n")
+                    err.flush()
+                    shown_at = now
+                next_at += args.interval
+                if next_at < now:  # late: skip the slots missed, keep the grid
+                    next_at += (now - next_at) // args.interval * args.interval + args.interval
+                if args.duration is not None and next_at - started > args.duration:
+                    reason = "duration"
+                    break
+                stop.sleep(next_at - time.monotonic())
+                if stop.signal is not None:
+                    reason = signal.Signals(stop.signal).name
+                    break
+        finally:
+            writer.close(reason)
+            stats.bytes_written = writer.bytes_written
+    if terminal:
+        err.write("\n")
+    err.write(f"oomwarden: recorded {_progress(stats, err, args.out)}; "
+              f"{time.monotonic() - started:.1f} s ({reason})\n")
+    err.flush()
+    return 0
+
+
+# -- replay -----------------------------------------------------------------------------
+
+
+def _runs(specs: Sequence[str]) -> list[PolicyRun]:
+    runs: list[PolicyRun] = []
+    seen: dict[str, int] = {}
+    for spec in specs:
+        seen[spec] = seen.get(spec, 0) + 1
+        label = spec if seen[spec] == 1 else f"{spec}#{seen[spec]}"
+        runs.append(PolicyRun(label, load_policy(spec)))
+    return runs
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from oomwarden.cli import _out_console, literal  # noqa: PLC0415 (cli imports this)
+
+    runs = _runs(args.policy or ["kernel"])
+    triggers = parse_triggers(args.trigger or [])
+    reader, raw = open_trace(args.file)
+    recorded_cg = reader.header.options.get("cgroup")
+    recorded = None
+    if isinstance(recorded_cg, dict) and isinstance(recorded_cg.get("kind"), str) and \
+            isinstance(recorded_cg.get("path"), str):
+        recorded = (recorded_cg["kind"], recorded_cg["path"])
+    points: list[ReplayPoint] = []
+    first_ns: int | None = None
+    snapshots = 0
+
+    def counted() -> Iterator[Any]:
+        nonlocal first_ns, snapshots
+        for rec in reader:
+            if first_ns is None:
+                first_ns = rec.snapshot.taken_ns
+            snapshots += 1
+            yield rec
+
+    with raw:
+        for point in replay(counted(), runs, triggers=triggers, every=args.every,
+                            cgroup=args.cgroup, recorded=recorded,
+                            budget_s=DEFAULT_BUDGET_S):
+            if args.json:
+                json.dump(point.to_json(top=args.top), sys.stdout, separators=(",", ":"))
+                sys.stdout.write("\n")
+            else:
+                points.append(point)
+    disagree = sum(1 for p in points if not p.agree) if not args.json else None
+    if args.json:
+        sys.stdout.flush()
+    else:
+        console = _out_console()
+        _print_replay(console, points, runs, first_ns or 0, literal)
+        console.print(f"{snapshots} snapshots, {len(points)} points; the policies disagree at "
+                      f"{disagree}" if len(runs) > 1 else
+                      f"{snapshots} snapshots, {len(points)} points")
+    if reader.truncated:
+        sys.stderr.write(f"oomwarden: {args.file} was cut short after {snapshots} snapshots "
+                         "(a recorder killed or still running): replayed what is there\n")
+    if snapshots == 0:
+        raise OomwardenError(f"{args.file}: the trace holds no snapshot")
+    return 0
+
+
+def _print_replay(console: Console, points: Sequence[ReplayPoint], runs: Sequence[PolicyRun],
+                  first_ns: int, literal: Any) -> None:
+    if not points:
+        console.print("no trigger fired in the trace (--every decides at every snapshot)")
+        return
+    table = Table(title=f"replay: {len(points)} points", title_justify="left")
+    table.add_column("rec", justify="right", no_wrap=True)
+    table.add_column("t (s)", justify="right", no_wrap=True)
+    table.add_column("domain", overflow="fold", max_width=30)
+    table.add_column("trigger", overflow="fold")
+    for run in runs:
+        table.add_column(run.label, overflow="fold")
+    if len(runs) > 1:
+        table.add_column("agree", no_wrap=True)
+    for p in points:
+        cells: list[Text | str] = [str(p.index), f"{(p.taken_ns - first_ns) / 1e9:.1f}",
+                                   literal(p.domain.name), ", ".join(p.triggers)]
+        for _, d in p.decisions:
+            cell = literal(describe_outcome(d))
+            if d.victim is not None:
+                cell.append(f"\n{d.victim.points} points", style="dim")
+                for reason in d.victim.reasons[:TABLE_REASONS]:
+                    cell.append_text(Text("\n- ", style="dim"))
+                    cell.append_text(literal(reason).copy())
+            if d.fallback is not None:
+                cell.append_text(Text.assemble("\nfallback: ", literal(d.fallback),
+                                               style="yellow"))
+            cells.append(cell)
+        if len(runs) > 1:
+            cells.append(Text("yes") if p.agree else Text("NO", style="bold red"))
+        table.add_row(*cells)
+    console.print(table)
