@@ -472,7 +472,14 @@ class TraceReader:
         if not whole:
             raise TraceError(f"{name}: no complete header: not an oomwarden trace, "
                              "or one cut short before its first record")
-        self.header = _header(_json(first, name, "the header"), name)
+        try:
+            obj = json.loads(first)
+        except (ValueError, RecursionError):
+            obj = None
+        if not isinstance(obj, dict):
+            raise TraceError(f"{name}: not an oomwarden trace (its first line is not a JSON "
+                             "object)")
+        self.header = _header(obj, name)
 
     def __iter__(self) -> Iterator[TraceRecord]:
         previous: dict[str, tuple[Any, ...]] | None = None
