@@ -34,6 +34,7 @@ from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
 from oomwarden.policy.registry import load_policy
+from oomwarden.simulate.command import add_simulate_command, cmd_simulate
 from oomwarden.sources.procfs import ReadOptions, with_details
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.trace_cli import add_trace_commands, cmd_record, cmd_replay
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--state-file", metavar="FILE", default=DEFAULT_STATE_FILE,
                     help=f"the state file (default {DEFAULT_STATE_FILE})")
     _add_control_commands(sub)
+    add_simulate_command(sub)
     add_trace_commands(sub)
     return parser
 
@@ -620,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_victim(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "simulate":
+            return cmd_simulate(args)
         if args.command == "record":
             return cmd_record(args)
         if args.command == "replay":

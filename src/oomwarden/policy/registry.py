@@ -21,8 +21,9 @@ KERNEL = Policy(
 def builtins() -> dict[str, Policy]:
     """Every built-in policy by name."""
     from oomwarden.policy.builtin import BUILTINS  # noqa: PLC0415 (builtin imports the API)
+    from oomwarden.policy.peers import PEERS  # noqa: PLC0415 (peer emulations, same reason)
 
-    return {"kernel": KERNEL, **BUILTINS}
+    return {"kernel": KERNEL, **BUILTINS, **PEERS}
 
 
 def load_policy(spec: str) -> Policy:
