@@ -139,7 +139,7 @@ class Result:
 
     @property
     def importance_lost(self) -> float:
-        return sum(k.importance for k in self.kills)
+        return round(math.fsum(k.importance for k in self.kills), 6)
 
     def to_json(self) -> dict[str, Any]:
         return {
