@@ -971,14 +971,9 @@ def test_the_queue_over_the_cli(cg: ChildMemcg, tmp_path: Path, sockdir: Path) -
                                "`oomwarden run` running?\n")
 
 
-# -- a defect found here --------------------------------------------------------------------------
+# -- a defect found here, fixed: a thread id is not_found -------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: victim.add naming a thread that is not its process's leader is answered "
-    "`internal` ('pid N: No such file or directory'): pidfd_open refuses a non-leader "
-    "and queues.py add_process turns any OSError but ESRCH into QueueError('internal'); "
-    "docs/control.md keeps `internal` for bugs in the warden"))
 def test_a_thread_id_is_a_client_error(cg: ChildMemcg, tmp_path: Path, sockdir: Path) -> None:
     warden = LiveWarden(tmp_path, cg, str(sockdir / "c.sock"))
     threaded = subprocess.Popen(

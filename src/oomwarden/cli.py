@@ -228,7 +228,9 @@ def _add_control_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     for line in summarize(config):
-        sys.stderr.write(f"oomwarden: {line}\n")
+        shown = (f"control socket: {args.socket} (--socket)"
+                 if args.socket is not None and line.startswith("control socket: ") else line)
+        sys.stderr.write(f"oomwarden: {shown}\n")
     warden = warden_from_config(config, dry_run=args.dry_run)
     warden.state_file = args.state_file
     if args.socket is not None:

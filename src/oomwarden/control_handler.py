@@ -115,11 +115,6 @@ class WardenControl:
     def _add_process(self, request: VictimAdd, peer: Peer) -> ProcessEntry:
         assert request.pid is not None
         queue = self.w.queue
-        for e in queue.entries:
-            if isinstance(e, ProcessEntry) and e.pid == request.pid and \
-                    queue.why_dead(e) is None:
-                raise RequestError("duplicate", f"pid {request.pid} is queued already "
-                                   f"(entry {e.id})")
         if request.pid in self.w.own_pids():
             raise RequestError("forbidden", "the warden and its watchdog are never victims")
         try:
@@ -127,8 +122,15 @@ class WardenControl:
         except QueueError as e:
             raise RequestError(e.code, str(e)) from None
         try:
-            # the uid was read after the pidfd was taken: that process's
+            # the uid was read after the pidfd was taken: that process's; the
+            # rule comes before anything is said about the queue's contents
             check_queue_process(peer, entry.pid, entry.uid)
+            for other in queue.entries:
+                if isinstance(other, ProcessEntry) and other is not entry \
+                        and other.pid == entry.pid and other.start_ticks == entry.start_ticks \
+                        and queue.why_dead(other) is None:
+                    raise RequestError("duplicate", f"pid {entry.pid} is queued already "
+                                       f"(entry {other.id})")
             entry.domain = self._domain_for(request.domain, entry.cgroup, f"pid {entry.pid}")
         except BaseException:
             queue.remove(entry.id)

@@ -19,6 +19,7 @@ socket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import time
@@ -109,6 +110,9 @@ class VictimQueue:
         except ProcessLookupError:
             raise QueueError("not_found", f"no process {pid}") from None
         except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINVAL):  # a thread, not a process
+                raise QueueError("not_found", f"no process {pid} (a thread id is not a "
+                                 "process: queue its process)") from None
             raise QueueError("internal", f"pid {pid}: {e.strerror}") from None
         try:
             stat, uid, cgroup = self._identity(pid, cgroup_kind)
