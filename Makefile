@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest vmtest bench clean
+.PHONY: demo test lint typecheck pytest vmtest bench clean bpf
 
 # Debian's own python3 needs the python3-venv package for `-m venv`; install it
 # only when venv creation fails (this machine kind's Python has it built in).
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) bpf
 	$(BIN)/python -m oomwarden.demo
 
 lint: $(STAMP)
@@ -24,8 +24,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/oomwarden
 
-pytest: $(STAMP)
+pytest: $(STAMP) bpf
 	$(BIN)/pytest -q
+
+# The BPF task iterator (docs/bpf.md): installs clang and bpftool with apt when
+# missing; where it cannot be built it says why in one line and the warden
+# uses procfs.
+bpf:
+	@bash src/oomwarden/bpf/build.sh
 
 # The cgroup v2 tests (tests/v2) in a small qemu guest, once per run; it builds
 # the guest into .cache/vm on first use and installs qemu if it is missing
@@ -35,7 +41,7 @@ vmtest: $(STAMP)
 
 test: lint typecheck vmtest pytest
 
-bench: $(STAMP)
+bench: $(STAMP) bpf
 	$(BIN)/python bench/snapshot.py
 
 clean:

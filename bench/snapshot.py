@@ -8,6 +8,8 @@ same run and interleaved:
 * **oomwarden**: ``build_snapshot(SourceConfig())`` followed by
   ``kernel_decision(snap, system_domain(snap))`` -- the hot path with its
   defaults (no ``oom_score``, no exe/cmdline);
+* **bpf**: the same with ``SourceConfig(source="bpf")``: the tasks from one
+  pass of the BPF task iterator (docs/bpf.md), where it loads;
 * **psutil**: the obvious psutil way to do the same job --
   ``psutil.process_iter(['pid', 'name', 'memory_info'])``, one read of
   ``/proc/PID/oom_score_adj`` per process, ``rss + adj * totalpages / 1000``
@@ -45,8 +47,9 @@ from types import FrameType
 
 import psutil
 
+from oomwarden.errors import BpfError
 from oomwarden.policy.engine import kernel_decision, system_domain
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot, choose_source
 
 DEFAULT_SIZES = (1000, 5000)
 QUICK_SIZES = (2000,)
@@ -56,6 +59,8 @@ QUICK_REPS = 5
 TARGET_SPEEDUP = 3.0
 TARGET_MS = 150.0
 TARGET_N = 5000
+#: Issue 8: the BPF source against procfs at 5,000 extra tasks.
+TARGET_BPF_SPEEDUP = 20.0
 
 #: The sleepers' own timeout: a safety net if this script is SIGKILLed and so
 #: cannot clean up. Long enough for any run, short enough not to linger.
@@ -239,6 +244,23 @@ def oomwarden_rank() -> int:
     return len(snap.tasks)
 
 
+def bpf_rank() -> int:
+    """The same with the BPF task iterator as the task source (docs/bpf.md)."""
+    snap = build_snapshot(SourceConfig(source="bpf"))
+    decision = kernel_decision(snap, system_domain(snap))
+    assert len(decision.candidates) == len(snap.tasks)
+    return len(snap.tasks)
+
+
+def bpf_available() -> str | None:
+    """None where the BPF source loads, else the reason (one line)."""
+    try:
+        choose_source(SourceConfig(source="bpf"))
+    except BpfError as e:
+        return str(e)
+    return None
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -330,19 +352,24 @@ def measure_floor(exe: str, reps: int) -> Timing:
     return Timing(seconds[1:], tasks[1:])
 
 
-def measure(reps: int) -> tuple[Timing, Timing]:
+def measure(reps: int, with_bpf: bool = False) -> tuple[Timing, Timing, Timing | None]:
     """One warm-up of each, then ``reps`` interleaved rounds (order alternating)."""
     oomwarden_rank()
     psutil_rank()
     ours: tuple[list[float], list[int]] = ([], [])
     base: tuple[list[float], list[int]] = ([], [])
+    fast: tuple[list[float], list[int]] = ([], [])
+    order: list[tuple[Callable[[], int], tuple[list[float], list[int]]]] = [
+        (oomwarden_rank, ours), (psutil_rank, base)]
+    if with_bpf:
+        bpf_rank()
+        order.append((bpf_rank, fast))
     for i in range(reps):
-        order = ((oomwarden_rank, ours), (psutil_rank, base))
         for job, sink in order if i % 2 == 0 else order[::-1]:
             seconds, tasks = _timed(job)
             sink[0].append(seconds)
             sink[1].append(tasks)
-    return Timing(*ours), Timing(*base)
+    return Timing(*ours), Timing(*base), Timing(*fast) if with_bpf else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +378,15 @@ class Result:
     ours: Timing
     base: Timing
     floor: Timing | None
+    bpf: Timing | None = None
 
     @property
     def speedup(self) -> float:
         return self.base.median_ms / self.ours.median_ms
+
+    @property
+    def bpf_speedup(self) -> float | None:
+        return None if self.bpf is None else self.ours.median_ms / self.bpf.median_ms
 
 
 def _row(label: str, t: Timing) -> str:
@@ -364,22 +396,29 @@ def _row(label: str, t: Timing) -> str:
     )
 
 
-def run_one(extra: int, reps: int, sleep_bin: str, floor_exe: str | None) -> Result:
+def run_one(
+    extra: int, reps: int, sleep_bin: str, floor_exe: str | None, with_bpf: bool = False
+) -> Result:
     t0 = time.perf_counter()
     with sleepers(extra, sleep_bin):
         started = time.perf_counter() - t0
         print(f"N = {extra:,} extra sleeping tasks (started in {started:.1f} s), "
               f"median of {reps} after 1 warm-up:", flush=True)
-        ours, base = measure(reps)
+        ours, base, fast = measure(reps, with_bpf)
         floor = measure_floor(floor_exe, reps) if floor_exe else None
-    result = Result(extra, ours, base, floor)
+    result = Result(extra, ours, base, floor, fast)
     print(_row("oomwarden", ours))
+    if fast is not None:
+        print(_row("bpf", fast))
     print(_row("psutil", base))
     if floor is not None:
         print(_row("C reads", floor))
         print(f"  ceiling    psutil / C reads = {base.median_ms / floor.median_ms:.2f} "
               "(the most any reader of these three files could gain)")
     print(f"  ratio      psutil / oomwarden = {result.speedup:.2f}", flush=True)
+    if result.bpf_speedup is not None:
+        print(f"  ratio      procfs / bpf = {result.bpf_speedup:.1f} "
+              "(the same snapshot + ranking, tasks from the BPF iterator)", flush=True)
     return result
 
 
@@ -461,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
               f"psutil {psutil.__version__}")
         with tempfile.TemporaryDirectory(prefix="oomwarden-bench-") as workdir:
             floor_exe = None if args.no_floor else build_floor(workdir)
-            results = [run_one(n, reps, sleep_bin, floor_exe) for n in sizes]
+            no_bpf = bpf_available()
+            if no_bpf is not None:
+                print(f"BPF source: not measured: {no_bpf}")
+            results = [run_one(n, reps, sleep_bin, floor_exe, no_bpf is None) for n in sizes]
     except BenchError as e:
         print(f"bench/snapshot.py: {e}", file=sys.stderr)
         return 2
@@ -488,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target speed-up >= {TARGET_SPEEDUP:g}x at N = {largest.extra:,}: "
           f"{'met' if met_speed else 'NOT met'}")
     print(f"procfs speed-up over psutil: {largest.speedup:.1f}x")
+    if largest.bpf_speedup is not None:
+        print(f"target bpf speed-up >= {TARGET_BPF_SPEEDUP:g}x at N = {largest.extra:,}: "
+              f"{'met' if largest.bpf_speedup >= TARGET_BPF_SPEEDUP else 'NOT met'}")
+        print(f"bpf speed-up over procfs: {largest.bpf_speedup:.1f}x")
+    else:
+        print("bpf speed-up over procfs: not measured (the BPF source cannot be had here)")
     if args.check:
         ok = met_speed and target_row is not None and target_row.ours.median_ms < TARGET_MS
         return 0 if ok else 1

@@ -36,7 +36,7 @@ from oomwarden.policy.history import History
 from oomwarden.policy.registry import load_policy
 from oomwarden.simulate.command import add_simulate_command, cmd_simulate
 from oomwarden.sources.procfs import ReadOptions, with_details
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.sources.snapshot import SOURCES, SourceConfig, build_snapshot, choose_source
 from oomwarden.trace_cli import add_trace_commands, cmd_record, cmd_replay
 from oomwarden.units import fmt_bytes
 from oomwarden.watchdog import DEFAULT_STATE_FILE, StateError, restore_state
@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="take cgroup mount points from mountinfo below DIR (recorded trees)")
     ex.add_argument("--no-verify-fs", action="store_true",
                     help="do not statfs-check cgroup mounts (recorded trees only)")
+    ex.add_argument("--source", choices=SOURCES, default="auto",
+                    help="the task snapshot backend: the BPF task iterator (bpf), /proc "
+                    "(procfs), or bpf where it loads, else procfs with a line saying why "
+                    "(auto, the default; docs/bpf.md)")
     cc = sub.add_parser(
         "check-config",
         help="check a daemon config file and summarise its watches",
@@ -269,14 +273,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _take_snapshot(args: argparse.Namespace, details: bool = False) -> Snapshot:
-    return build_snapshot(
-        SourceConfig(
-            proc_root=args.proc_root,
-            fs_root=args.fs_root,
-            verify_fs=not args.no_verify_fs,
-            read=ReadOptions(oom_score=True, details=details),
-        )
+    config = SourceConfig(
+        proc_root=args.proc_root,
+        fs_root=args.fs_root,
+        verify_fs=not args.no_verify_fs,
+        read=ReadOptions(oom_score=True, details=details),
+        source=getattr(args, "source", "procfs"),
     )
+    choice = choose_source(config)
+    if choice.reason is not None and not getattr(args, "_source_said", False):
+        sys.stderr.write(f"oomwarden: {choice.reason}\n")
+        args._source_said = True
+    return build_snapshot(replace(config, source=choice.backend))
 
 
 def _with_details(decision: Decision, proc_root: str, shown: Sequence[Candidate]) -> Decision:

@@ -8,7 +8,8 @@ boundary, in one place per source, so that callers only ever catch this tree::
     OomwardenError
     ├── ParseError          text from /proc or cgroupfs is not what the kernel writes
     ├── SourceError         a root (proc, cgroup) cannot be read or is not what it claims
-    │   └── TaskGone        a process vanished while it was being read (normal, skipped)
+    │   ├── TaskGone        a process vanished while it was being read (normal, skipped)
+    │   └── BpfError        the BPF snapshot source cannot be had here, or sent bad records
     ├── CgroupNotFound      --cgroup names no memory cgroup on any hierarchy
     ├── PolicyError         an unknown policy name or a policy that cannot be loaded
     ├── ConfigError         a daemon config file that cannot be read or is wrong
@@ -38,6 +39,11 @@ class SourceError(OomwardenError):
 
 class TaskGone(SourceError):
     """A process exited (or its PID went away) while it was being read."""
+
+
+class BpfError(SourceError):
+    """The BPF task iterator cannot be built, loaded or attached here, or its
+    records do not decode: one line saying why (the procfs source still works)."""
 
 
 class CgroupNotFound(OomwardenError):

@@ -11,14 +11,17 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from oomwarden.errors import SourceError
-from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
+from oomwarden.errors import BpfError, SourceError
+from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot, Task
+from oomwarden.sources import bpf
 from oomwarden.sources.cgroupfs import WalkReport, find_hierarchies, walk_hierarchy
 from oomwarden.sources.procfs import (
     CgroupMap,
     ReadOptions,
     ReadStats,
+    is_live_procfs,
     page_size,
     read_system,
     read_tasks,
@@ -43,6 +46,51 @@ class SourceConfig:
     #: the processes in them, not the whole machine. The OOM path of a memory
     #: cgroup domain needs no more, and reads much less on a busy host.
     only: tuple[str, str] | None = None
+    #: The task source: ``procfs``, ``bpf`` (the BPF task iterator, or a
+    #: :class:`BpfError`), or ``auto`` (bpf where it loads, else procfs; see
+    #: :func:`choose_source` for the reason it gives).
+    source: Literal["auto", "procfs", "bpf"] = "procfs"
+    #: The BPF object; None: :func:`oomwarden.sources.bpf.default_object_path`.
+    bpf_object: str | None = None
+
+
+SOURCES = ("auto", "procfs", "bpf")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceChoice:
+    """The backend a config resolves to, and (for ``auto`` falling back to
+    procfs) the one line saying why BPF is not used."""
+
+    backend: Literal["procfs", "bpf"]
+    reason: str | None = None
+
+
+def choose_source(config: SourceConfig) -> SourceChoice:
+    """Resolve ``config.source``. ``bpf`` raises :class:`BpfError` when the
+    iterator cannot be had; ``auto`` then says why and takes procfs. A proc
+    root that is not the live /proc (a recorded tree) is procfs's, silently."""
+    if config.source == "procfs":
+        return SourceChoice("procfs")
+    try:
+        bpf.check_proc_root(config.proc_root)
+    except BpfError as e:
+        if config.source == "bpf":
+            raise
+        if is_live_procfs(config.proc_root):
+            return SourceChoice("procfs", f"BPF snapshot source not used: {e}; using procfs")
+        return SourceChoice("procfs")
+    except OSError as e:
+        if config.source == "bpf":
+            raise BpfError(f"cannot open {config.proc_root}: {e.strerror}") from None
+        return SourceChoice("procfs")
+    try:
+        bpf.load(config.bpf_object)
+    except BpfError as e:
+        if config.source == "bpf":
+            raise
+        return SourceChoice("procfs", f"BPF snapshot source not used: {e}; using procfs")
+    return SourceChoice("bpf")
 
 
 def build_snapshot(
@@ -74,14 +122,22 @@ def build_snapshot(
     stats = ReadStats()
     kept = hierarchies if config.only is None else tuple(
         h for h in hierarchies if h.kind.value == config.only[0])
-    tasks = read_tasks(
-        config.proc_root,
-        psize=psize,
-        options=config.read,
-        stats=stats,
-        cgroup_map=cgroup_map(cgroups, kept, config.proc_root),
-        pids=None if config.only is None else sorted({p for c in cgroups for p in c.pids}),
-    )
+    if choose_source(config).backend == "bpf":
+        tasks = bpf.read_tasks_bpf(
+            bpf.load(config.bpf_object), proc_root=config.proc_root, psize=psize,
+            options=config.read, cgroups=cgroups, hierarchies=kept, stats=stats,
+        )
+        if config.only is not None:
+            tasks = _in_subtree(tasks, cgroups, config.only[0])
+    else:
+        tasks = read_tasks(
+            config.proc_root,
+            psize=psize,
+            options=config.read,
+            stats=stats,
+            cgroup_map=cgroup_map(cgroups, kept, config.proc_root),
+            pids=None if config.only is None else sorted({p for c in cgroups for p in c.pids}),
+        )
     return Snapshot(
         taken_ns=started,
         system=system,
@@ -116,3 +172,11 @@ def cgroup_map(
         for pid in cg.pids:
             target[pid] = cg.path
     return CgroupMap(v1=v1, v2=v2)
+
+
+def _in_subtree(tasks: list[Task], cgroups: list[Cgroup], kind: str) -> list[Task]:
+    """The tasks in the walked (``only``) subtree's cgroups."""
+    paths = {c.path for c in cgroups if c.kind.value == kind}
+    if kind == HierarchyKind.V1.value:
+        return [t for t in tasks if t.memcg_v1 in paths]
+    return [t for t in tasks if t.cgroup_v2 in paths]

@@ -1,0 +1,514 @@
+"""The BPF snapshot source: every process in one pass of a BPF task iterator.
+
+``src/oomwarden/bpf/tasks.bpf.c`` is an ``iter/task`` program; the build
+(``make bpf``, docs/bpf.md) compiles it with clang against a ``vmlinux.h``
+dumped from this kernel's BTF. Here it is loaded through the system's
+``libbpf.so.1`` with :mod:`ctypes` (no compiled Python extension: the
+machine's libbpf 1.1 does load, attach and ``bpf_iter_create``, and PyPI's
+bindings either lack iterators or need a newer Python), attached once, and
+every snapshot is one pass of reads of a fresh iterator fd: fixed-size
+records, decoded by :func:`decode_records` into the same :class:`Task` the
+procfs source makes.
+
+What the records hold and how it compares with procfs (docs/bpf.md):
+
+* the rss counters are the percpu_counters' shared ``count`` (unsummed, as
+  ``get_mm_counter()`` reads them, clamped at 0 here): ``oom_rss`` is
+  exactly ``get_mm_rss()`` as ``oom_badness()`` sees it, like
+  ``/proc/PID/stat`` field 24. The split ``rss_anon/file/shmem`` are the same
+  unsummed values (procfs shows the summed ones since Linux 6.16): each may
+  differ from ``/proc/PID/status`` by the per-CPU slack;
+* swap entries are unsummed too, as ``oom_badness()`` reads them (procfs has
+  only the summed VmSwap);
+* ``in_vfork`` is the kernel's own test (``vfork_done`` and the parent's
+  mm), not the procfs heuristic;
+* exe, cmdline and the kernel's ``oom_score`` are not in the records: they
+  are read from /proc only when asked (``ReadOptions``), per process.
+
+PIDs in the records are the initial PID namespace's: the source refuses a
+/proc that shows another namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from oomwarden.errors import BpfError, ParseError
+from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Task
+from oomwarden.sources.parse import parse_proc_cgroup, parse_single_int
+from oomwarden.sources.procfs import (
+    MAX_PROBLEMS,
+    CgroupMap,
+    ReadOptions,
+    ReadStats,
+    initial_pidns,
+    is_live_procfs,
+    read_at,
+    read_tasks,
+    with_details,
+)
+
+#: ``struct ow_task`` in tasks.bpf.c, little endian, natural alignment.
+RECORD = struct.Struct("<I3i3Q5q4IhH16sI")
+RECORD_SIZE = RECORD.size
+MAGIC = 0x3154574F  # "OWT1"
+assert RECORD_SIZE == 120
+
+#: rec_flags
+HAS_MM = 0x1
+IN_VFORK = 0x2
+LEADER = 0x4
+HAS_SIGNAL = 0x8
+PF_KTHREAD = 0x00200000
+#: A pid above this is no PID the kernel hands out (PID_MAX_LIMIT, 4M).
+PID_MAX_LIMIT = 4 * 1024 * 1024
+PROGRAM = "dump_task"
+OBJECT_ENV = "OOMWARDEN_BPF_OBJECT"
+READ_CHUNK = 1 << 20
+
+# task_state_index() (include/linux/sched.h)
+_TASK_REPORT = 0x7F
+_TASK_IDLE = 0x402
+_TASK_RTLOCK_WAIT = 0x1000
+_TASK_UNINTERRUPTIBLE = 0x2
+_STATE_CHARS = "RSDTtXZPI"
+_TASK_REPORT_IDLE = _TASK_REPORT + 1
+
+
+def state_char(state: int, exit_state: int) -> str:
+    """The letter /proc/PID/stat shows, computed as ``task_state_index()`` does."""
+    index = (state | exit_state) & _TASK_REPORT
+    if state == _TASK_IDLE:
+        index = _TASK_REPORT_IDLE
+    elif state == _TASK_RTLOCK_WAIT:
+        index = _TASK_UNINTERRUPTIBLE
+    return _STATE_CHARS[index.bit_length()]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One decoded record (the raw counters, before the clamp)."""
+
+    pid: int
+    tgid: int
+    ppid: int
+    start_boottime_ns: int
+    memcg_ino: int
+    dfl_ino: int
+    rss_file: int
+    rss_anon: int
+    rss_shmem: int
+    swapents: int
+    pgtables_bytes: int
+    uid: int
+    state: str
+    flags: int
+    oom_score_adj: int | None
+    rec_flags: int
+    comm: bytes
+
+    @property
+    def leader(self) -> bool:
+        return bool(self.rec_flags & LEADER)
+
+    @property
+    def has_mm(self) -> bool:
+        return bool(self.rec_flags & HAS_MM)
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """Decode what the iterator fd gave; anything else than whole, sane
+    records raises :class:`BpfError` (and nothing else)."""
+    if len(data) % RECORD_SIZE:
+        raise BpfError(
+            f"BPF task records: {len(data)} bytes is not a multiple of the "
+            f"record size {RECORD_SIZE} (an object built for another layout?)"
+        )
+    out: list[Record] = []
+    for i, (magic, pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte,
+            uid, state, exit_state, flags, adj, rflags, comm, _pad) in enumerate(
+                RECORD.iter_unpack(data)):
+        if magic != MAGIC:
+            raise BpfError(f"BPF task record {i}: bad magic {magic:#x} (expected {MAGIC:#x})")
+        if not (0 <= pid <= PID_MAX_LIMIT and 0 < tgid <= PID_MAX_LIMIT
+                and 0 <= ppid <= PID_MAX_LIMIT):
+            raise BpfError(f"BPF task record {i}: pid {pid}, tgid {tgid}, ppid {ppid} "
+                           f"out of range (0..{PID_MAX_LIMIT})")
+        if rflags & LEADER and pid != tgid:
+            raise BpfError(f"BPF task record {i}: a leader with pid {pid} != tgid {tgid}")
+        if not -1000 <= adj <= 1000:
+            raise BpfError(f"BPF task record {i}: oom_score_adj {adj} outside -1000..1000")
+        if pte < 0:
+            raise BpfError(f"BPF task record {i}: negative page-table bytes {pte}")
+        name = comm.split(b"\0", 1)[0]
+        out.append(Record(
+            pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte, uid,
+            state_char(state, exit_state), flags,
+            adj if rflags & HAS_SIGNAL else None, rflags, name,
+        ))
+    return out
+
+
+# -- libbpf through ctypes ------------------------------------------------------
+
+_c_void_p = ctypes.c_void_p
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+#: libbpf's last warning lines (LIBBPF_WARN == 0), for the one-line reason.
+_libbpf_messages: list[str] = []
+#: The loaded library and its print callback (kept alive while libbpf may call it).
+_loaded: dict[str, Any] = {}
+
+
+def _libbpf() -> ctypes.CDLL:
+    lib_now: ctypes.CDLL | None = _loaded.get("lib")
+    if lib_now is not None:
+        return lib_now
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as e:
+        raise BpfError(f"cannot load libbpf.so.1 ({e}); install Debian's libbpf1") from None
+    signatures: dict[str, tuple[list[Any], Any]] = {
+        "bpf_object__open_file": ([ctypes.c_char_p, _c_void_p], _c_void_p),
+        "bpf_object__load": ([_c_void_p], ctypes.c_int),
+        "bpf_object__find_program_by_name": ([_c_void_p, ctypes.c_char_p], _c_void_p),
+        "bpf_program__attach_iter": ([_c_void_p, _c_void_p], _c_void_p),
+        "bpf_link__fd": ([_c_void_p], ctypes.c_int),
+        "bpf_link__destroy": ([_c_void_p], ctypes.c_int),
+        "bpf_object__close": ([_c_void_p], None),
+        "bpf_iter_create": ([ctypes.c_int], ctypes.c_int),
+        "libbpf_set_print": ([_c_void_p], _c_void_p),
+    }
+    for name, (args, res) in signatures.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise BpfError(f"libbpf.so.1 lacks {name} (libbpf older than 1.0?)") from None
+        fn.argtypes = args
+        fn.restype = res
+    callback = _PRINT_FN(_on_libbpf_print)
+    lib.libbpf_set_print(ctypes.cast(callback, _c_void_p))
+    _loaded["callback"] = callback
+    _loaded["lib"] = lib
+    return lib
+
+
+def _on_libbpf_print(level: int, fmt: bytes | None, args: int | None) -> int:
+    """libbpf's print callback: keep warnings (for the reason), print nothing."""
+    if level != 0 or fmt is None:
+        return 0
+    try:
+        libc = ctypes.CDLL(None)
+        buf = ctypes.create_string_buffer(512)
+        libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), ctypes.c_char_p(fmt),
+                       ctypes.c_void_p(args))
+        text = buf.value.decode("utf-8", "replace").strip()
+    except Exception:  # a callback must never raise into C
+        text = fmt.decode("utf-8", "replace").strip()
+    if text:
+        del _libbpf_messages[:-3]
+        _libbpf_messages.append(text)
+    return 0
+
+
+def _why(what: str, err: int) -> BpfError:
+    detail = f": {_libbpf_messages[-1]}" if _libbpf_messages else ""
+    return BpfError(f"{what}: {os.strerror(err) if err else 'failed'}{detail}")
+
+
+def default_object_path() -> str:
+    """$OOMWARDEN_BPF_OBJECT, else ``tasks.bpf.o`` beside the sources (``make bpf``)."""
+    env = os.environ.get(OBJECT_ENV)
+    if env:
+        return env
+    return str(Path(__file__).resolve().parent.parent / "bpf" / "tasks.bpf.o")
+
+
+class TaskIterator:
+    """The loaded and attached ``iter/task`` program. :meth:`read` is one pass."""
+
+    def __init__(self, object_path: str) -> None:
+        self.object_path = object_path
+        self._obj: int | None = None
+        self._link: int | None = None
+        self._link_fd = -1
+        if not os.path.isfile(object_path):
+            raise BpfError(f"no BPF object at {object_path} (build it with `make bpf`)")
+        lib = _libbpf()
+        _libbpf_messages.clear()
+        obj = lib.bpf_object__open_file(object_path.encode(), None)
+        if not obj:
+            raise _why(f"cannot open BPF object {object_path}", ctypes.get_errno())
+        self._obj = obj
+        try:
+            rc = lib.bpf_object__load(obj)
+            if rc < 0:
+                raise _why(f"the kernel refused to load {object_path}", -rc)
+            prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+            if not prog:
+                raise BpfError(f"{object_path} has no program {PROGRAM}")
+            link = lib.bpf_program__attach_iter(prog, None)
+            if not link:
+                raise _why("cannot attach the BPF task iterator", ctypes.get_errno())
+            self._link = link
+            self._link_fd = lib.bpf_link__fd(link)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self) -> bytes:
+        """One pass of the iterator: every record, as bytes."""
+        if self._link is None:
+            raise BpfError("the BPF task iterator is closed")
+        fd = _libbpf().bpf_iter_create(self._link_fd)
+        if fd < 0:
+            raise BpfError(f"bpf_iter_create failed: {os.strerror(-fd)}")
+        try:
+            parts: list[bytes] = []
+            while True:
+                try:
+                    chunk = os.read(fd, READ_CHUNK)
+                except InterruptedError:
+                    continue
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        continue
+                    raise BpfError(f"reading the BPF task iterator: {e.strerror}") from None
+                if not chunk:
+                    break
+                parts.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Detach and unload (idempotent)."""
+        lib: ctypes.CDLL | None = _loaded.get("lib")
+        if lib is None:
+            return
+        if self._link is not None:
+            lib.bpf_link__destroy(self._link)
+            self._link = None
+            self._link_fd = -1
+        if self._obj is not None:
+            lib.bpf_object__close(self._obj)
+            self._obj = None
+
+    def __enter__(self) -> TaskIterator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: One loaded iterator (or the reason it cannot be had) per object path, for
+#: the life of the process: loading costs ~10 ms and a refusal will not change.
+_cache: dict[str, TaskIterator | BpfError] = {}
+
+
+def load(object_path: str | None = None) -> TaskIterator:
+    """The process's loaded iterator for ``object_path``; raises the cached
+    :class:`BpfError` where it cannot be had."""
+    path = object_path or default_object_path()
+    got = _cache.get(path)
+    if got is None:
+        try:
+            got = TaskIterator(path)
+        except BpfError as e:
+            got = e
+        _cache[path] = got
+    if isinstance(got, BpfError):
+        raise got
+    return got
+
+
+def unload_all() -> None:
+    """Close every cached iterator (tests, clean exits)."""
+    for got in _cache.values():
+        if isinstance(got, TaskIterator):
+            got.close()
+    _cache.clear()
+
+
+# -- records to tasks -----------------------------------------------------------
+
+
+def clock_ticks_per_second() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _ino_maps(
+    cgroups: Sequence[Cgroup],
+) -> tuple[dict[int, str], dict[int, str]]:
+    v1: dict[int, str] = {}
+    v2: dict[int, str] = {}
+    for cg in cgroups:
+        (v1 if cg.kind is HierarchyKind.V1 else v2)[cg.inode] = cg.path
+    return v1, v2
+
+
+def _cgroup_file(proc_root: str, pid: int) -> bytes | None:
+    try:
+        with open(f"{proc_root}/{pid}/cgroup", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def records_to_tasks(
+    records: Iterable[Record],
+    *,
+    psize: int,
+    clk_tck: int,
+    cgroups: Sequence[Cgroup] = (),
+    hierarchies: Sequence[Hierarchy] = (),
+    proc_root: str = "/proc",
+) -> list[Task]:
+    """The :class:`Task` of every process, in iteration (creation) order.
+
+    A leader without an mm takes the counters of a thread of its group that
+    still has one (the kernel's ``find_lock_task_mm()``). Cgroup paths come
+    from the inode ids of the walked ``cgroups``; a task in a cgroup made
+    after the walk is looked up in its own ``/proc/PID/cgroup``.
+    """
+    v1_mounted = any(h.kind is HierarchyKind.V1 for h in hierarchies)
+    v2_mounted = any(h.kind is HierarchyKind.V2 for h in hierarchies)
+    v1_map, v2_map = _ino_maps(cgroups)
+    tick_ns = 1_000_000_000 // clk_tck
+    leaders: list[Record] = []
+    stand_in: dict[int, Record] = {}
+    for r in records:
+        if r.leader:
+            leaders.append(r)
+        elif r.has_mm and r.tgid not in stand_in:
+            stand_in[r.tgid] = r
+    tasks: list[Task] = []
+    for r in leaders:
+        mm = r
+        if not r.has_mm and r.tgid in stand_in:
+            mm = stand_in[r.tgid]
+        kthread = bool(r.flags & PF_KTHREAD)
+        has_mm = mm.has_mm and not kthread
+        anon = file = shmem = swap = pte = oom_rss = None
+        if has_mm:
+            # get_mm_counter() is percpu_counter_read_positive(): clamp at 0.
+            file = max(mm.rss_file, 0)
+            anon = max(mm.rss_anon, 0)
+            shmem = max(mm.rss_shmem, 0)
+            swap = max(mm.swapents, 0)
+            pte = mm.pgtables_bytes // psize
+            oom_rss = file + anon + shmem
+        memcg_v1 = v1_map.get(r.memcg_ino) if v1_mounted else None
+        cgroup_v2 = v2_map.get(r.dfl_ino) if v2_mounted else None
+        if (v1_mounted and memcg_v1 is None) or (v2_mounted and cgroup_v2 is None):
+            data = _cgroup_file(proc_root, r.pid)
+            if data is not None:
+                try:
+                    f1, f2 = parse_proc_cgroup(data)
+                except ParseError:
+                    f1 = f2 = None
+                if v1_mounted and memcg_v1 is None:
+                    memcg_v1 = f1
+                if v2_mounted and cgroup_v2 is None:
+                    cgroup_v2 = f2
+        tasks.append(Task(
+            r.pid,
+            r.tgid,
+            r.ppid,
+            r.comm.decode("utf-8", "backslashreplace"),
+            r.state,
+            r.start_boottime_ns // tick_ns,
+            r.uid,
+            kthread,
+            has_mm,
+            anon,
+            file,
+            shmem,
+            swap,
+            pte,
+            r.oom_score_adj,
+            memcg_v1,
+            cgroup_v2,
+            None,
+            None,
+            None,
+            psize,
+            oom_rss,
+            r.pid == 1,
+            bool(mm.rec_flags & IN_VFORK) and has_mm,
+        ))
+    return tasks
+
+
+def _kernel_oom_score(proc_root: str, task: Task) -> int | None:
+    try:
+        fd = os.open(f"{proc_root}/{task.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return parse_single_int(read_at(fd, "oom_score"), "oom_score")
+    except (OSError, ParseError):
+        return None
+    finally:
+        os.close(fd)
+
+
+_DEFAULT_OPTIONS = ReadOptions()
+
+
+def read_tasks_bpf(
+    iterator: TaskIterator,
+    *,
+    proc_root: str = "/proc",
+    psize: int,
+    options: ReadOptions = _DEFAULT_OPTIONS,
+    cgroups: Sequence[Cgroup] = (),
+    hierarchies: Sequence[Hierarchy] = (),
+    stats: ReadStats | None = None,
+) -> list[Task]:
+    """Every process, from one pass of ``iterator``; the kernel's oom_score,
+    exe and cmdline read from ``proc_root`` only when ``options`` ask."""
+    check_proc_root(proc_root)
+    try:
+        records = decode_records(iterator.read())
+    except BpfError as e:
+        if stats is not None and len(stats.problems) < MAX_PROBLEMS:
+            stats.problems.append(str(e))
+        raise
+    tasks = records_to_tasks(
+        records, psize=psize, clk_tck=clock_ticks_per_second(), cgroups=cgroups,
+        hierarchies=hierarchies, proc_root=proc_root,
+    )
+    if not tasks or tasks[0].pid != 1:
+        # Measured on Linux 6.18: the task iterator never shows pid 1 (its
+        # first task is kthreadd). The global init is never a victim, but a
+        # snapshot has every process: read that one from /proc.
+        kinds = {h.kind for h in hierarchies}
+        v1: dict[int, str] | None = {} if HierarchyKind.V1 in kinds else None
+        v2: dict[int, str] | None = {} if HierarchyKind.V2 in kinds else None
+        tasks[:0] = read_tasks(proc_root, psize=psize, options=options, stats=stats,
+                               pids=[1], cgroup_map=CgroupMap(v1=v1, v2=v2))
+    if options.oom_score:
+        tasks = [replace(t, kernel_oom_score=_kernel_oom_score(proc_root, t)) for t in tasks]
+    if options.details:
+        tasks = [with_details(proc_root, t) if t.exe is None else t for t in tasks]
+    return tasks
+
+
+def check_proc_root(proc_root: str) -> None:
+    """The BPF source reads the live kernel: ``proc_root`` must be a live
+    procfs of the initial PID namespace (the records' PIDs are that one's)."""
+    if not is_live_procfs(proc_root):
+        raise BpfError(f"{proc_root} is not a live procfs (a recorded tree is read by procfs)")
+    fd = os.open(proc_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not initial_pidns(fd):
+            raise BpfError(f"{proc_root} shows a child PID namespace; BPF sees the initial one's")
+    finally:
+        os.close(fd)

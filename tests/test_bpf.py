@@ -1,0 +1,316 @@
+"""The BPF snapshot source: the record decoder on crafted bytes, parity with
+procfs on the real kernel, the fallback to procfs, and no leaked fds.
+
+Parity, and the tolerance it allows (docs/bpf.md):
+
+* ``oom_rss`` (file + anon + shmem, the unsummed per-CPU counters) is what
+  both backends read from the same kernel counters (``get_mm_rss()``: stat
+  field 24 for procfs, the percpu_counters' ``count`` for BPF): for a process
+  whose memory does not move between the reads it is *equal*; page tables
+  and ``oom_score_adj`` too.
+* the split ``rss_anon/file/shmem`` and the swap entries: procfs shows the
+  exact per-CPU sums (/proc/PID/status since Linux 6.16), BPF the unsummed
+  counters as ``oom_badness()`` reads them; each may differ by the kernel's
+  per-CPU slack, ``nr_cpus * max(32, 2 * nr_cpus)`` pages
+  (``percpu_counter_batch`` folded in by each CPU at most once).
+
+"Does not move" is decided by two procfs snapshots taken around the BPF one:
+a process whose points differ between them is moving, and is left out of the
+comparison (it is counted, and most of the tasks must be stable).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oomwarden.errors import BpfError
+from oomwarden.model import Task
+from oomwarden.policy.engine import kernel_decision, system_domain
+from oomwarden.policy.kernel import badness_points
+from oomwarden.sources import bpf
+from oomwarden.sources.procfs import ReadOptions
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot, choose_source
+
+from conftest import need
+
+REPO = Path(__file__).resolve().parent.parent
+NR_CPUS = os.cpu_count() or 1
+#: The kernel's per-CPU slack of one percpu_counter, in pages.
+SLACK = NR_CPUS * max(32, 2 * NR_CPUS)
+
+
+def _record(**kw: object) -> bytes:
+    fields: dict[str, object] = {
+        "magic": bpf.MAGIC, "pid": 42, "tgid": 42, "ppid": 1, "start": 123_450_000_000,
+        "memcg": 7, "dfl": 1, "file": 10, "anon": 20, "shmem": 3, "swap": 0,
+        "pte": 8192, "uid": 1000, "state": 1, "exit_state": 0, "flags": 0, "adj": 0,
+        "rflags": bpf.LEADER | bpf.HAS_MM | bpf.HAS_SIGNAL, "comm": b"worker", "pad": 0,
+    }
+    fields.update(kw)
+    return bpf.RECORD.pack(*fields.values())
+
+
+# -- the decoder, on crafted bytes ---------------------------------------------
+
+
+def test_decode_one_record_into_a_task() -> None:
+    recs = bpf.decode_records(_record())
+    assert len(recs) == 1
+    (task,) = bpf.records_to_tasks(recs, psize=4096, clk_tck=100)
+    assert (task.pid, task.tgid, task.ppid, task.comm, task.state) == (42, 42, 1, "worker", "S")
+    assert task.start_ticks == 12345  # ns // (1e9 / USER_HZ), /proc/PID/stat field 22
+    assert (task.rss_file, task.rss_anon, task.rss_shmem, task.oom_rss) == (10, 20, 3, 33)
+    assert (task.pgtables, task.oom_score_adj, task.uid) == (2, 0, 1000)
+    assert task.has_mm and not task.kthread and not task.global_init and not task.in_vfork
+
+
+def test_decode_clamps_negative_counters_like_get_mm_counter() -> None:
+    (task,) = bpf.records_to_tasks(bpf.decode_records(_record(anon=-5, file=-1)),
+                                   psize=4096, clk_tck=100)
+    assert (task.rss_anon, task.rss_file, task.oom_rss) == (0, 0, 3)
+
+
+def test_decode_kthread_zombie_vfork_and_stand_in() -> None:
+    data = (
+        _record(pid=2, tgid=2, comm=b"kthreadd", flags=bpf.PF_KTHREAD,
+                rflags=bpf.LEADER | bpf.HAS_SIGNAL)
+        # a zombie leader whose thread 51 still holds the mm
+        + _record(pid=50, tgid=50, state=0, exit_state=0x20, rflags=bpf.LEADER | bpf.HAS_SIGNAL)
+        + _record(pid=51, tgid=50, anon=99, rflags=bpf.HAS_MM | bpf.HAS_SIGNAL)
+        + _record(pid=60, tgid=60, rflags=bpf.LEADER | bpf.HAS_MM | bpf.IN_VFORK | bpf.HAS_SIGNAL)
+        + _record(pid=70, tgid=70, state=0x402)
+    )
+    k, z, v, idle = bpf.records_to_tasks(bpf.decode_records(data), psize=4096, clk_tck=100)
+    assert k.kthread and not k.has_mm and k.rss is None
+    assert z.state == "Z" and z.has_mm and z.rss_anon == 99
+    assert v.in_vfork
+    assert idle.state == "I"
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (_record()[:-1], "not a multiple"),
+    (_record(magic=0xDEAD), "bad magic"),
+    (_record(pid=-3), "out of range"),
+    (_record(pid=5, tgid=6), "leader with pid 5"),
+    (_record(adj=2000), "oom_score_adj 2000"),
+    (_record(pte=-1), "negative page-table"),
+])
+def test_decode_refuses_bad_records(data: bytes, words: str) -> None:
+    with pytest.raises(BpfError, match=words):
+        bpf.decode_records(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4 * bpf.RECORD_SIZE + 7))
+def test_garbage_raises_only_bpf_error(data: bytes) -> None:
+    try:
+        recs = bpf.decode_records(data)
+    except BpfError:
+        return
+    bpf.records_to_tasks(recs, psize=4096, clk_tck=100, proc_root="/nonexistent")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=bpf.RECORD_SIZE - 8, max_size=bpf.RECORD_SIZE - 8),
+                max_size=4))
+def test_garbage_behind_a_good_magic_raises_only_bpf_error(bodies: list[bytes]) -> None:
+    data = b"".join(bpf.MAGIC.to_bytes(4, "little") + b[:4] + b[4:] + b"\0" * 4 for b in bodies)
+    try:
+        recs = bpf.decode_records(data)
+    except BpfError:
+        return
+    bpf.records_to_tasks(recs, psize=4096, clk_tck=100, proc_root="/nonexistent")
+
+
+# -- the real kernel ---------------------------------------------------------------
+
+
+@pytest.fixture
+def iterator() -> Iterator[bpf.TaskIterator]:
+    try:
+        it = bpf.TaskIterator(bpf.default_object_path())
+    except BpfError as e:
+        need(False, f"the BPF task iterator cannot be had here: {e}")
+        raise
+    try:
+        yield it
+    finally:
+        it.close()
+
+
+def _points(t: Task, totalpages: int) -> int | None:
+    return badness_points(t, totalpages)
+
+
+@pytest.mark.kernel
+def test_parity_with_procfs(iterator: bpf.TaskIterator) -> None:
+    """Every task, both backends: the same fields, the same points (rss within
+    the tolerance in the module docstring), the same ranking and victim."""
+    before = build_snapshot(SourceConfig(source="procfs"))
+    fast = build_snapshot(SourceConfig(source="bpf"))
+    after = build_snapshot(SourceConfig(source="procfs"))
+    totalpages = before.system.totalpages
+    b = {t.identity: t for t in before.tasks}
+    a = {t.identity: t for t in after.tasks}
+    f = {t.identity: t for t in fast.tasks}
+    # Every process that lived through all three reads is in the BPF one.
+    lived = set(b) & set(a)
+    assert lived <= set(f), sorted(lived - set(f))[:10]
+    stable = [i for i in lived
+              if _points(b[i], totalpages) == _points(a[i], totalpages)
+              and (b[i].rss_anon, b[i].rss_file, b[i].rss_shmem)
+              == (a[i].rss_anon, a[i].rss_file, a[i].rss_shmem)]
+    assert len(stable) >= 0.8 * len(lived), (len(stable), len(lived))
+    for i in stable:
+        p, q = b[i], f[i]
+        assert (q.pid, q.tgid, q.ppid, q.uid, q.kthread, q.has_mm, q.global_init) == (
+            p.pid, p.tgid, p.ppid, p.uid, p.kthread, p.has_mm, p.global_init), (p, q)
+        # procfs shows a kthread's full name (a kworker's workqueue, a name
+        # longer than comm's 16 bytes: proc_task_name()); the record has comm.
+        assert p.comm == q.comm or (p.kthread and p.comm.startswith(q.comm)), (p, q)
+        assert (q.oom_score_adj, q.pgtables, q.memcg_v1, q.cgroup_v2, q.in_vfork) == (
+            p.oom_score_adj, p.pgtables, p.memcg_v1, p.cgroup_v2, p.in_vfork), (p, q)
+        # get_mm_rss(): the same unsummed counters on both sides.
+        assert q.oom_rss == p.oom_rss, (p, q)
+        for name in ("rss_anon", "rss_file", "rss_shmem", "swap"):
+            x, y = getattr(p, name), getattr(q, name)
+            assert (x is None) == (y is None), (name, p, q)
+            if x is not None:
+                assert abs(x - y) <= SLACK, (name, x, y, SLACK, p.comm)
+        assert _points(q, totalpages) == _points(p, totalpages), (p, q)
+    # The ranking of the stable tasks is the same from both backends.
+    dp = kernel_decision(before, system_domain(before))
+    df = kernel_decision(fast, system_domain(fast))
+    keep = set(stable)
+    rank_p = [(c.task.identity, c.points) for c in dp.candidates if c.task.identity in keep]
+    rank_f = [(c.task.identity, c.points) for c in df.candidates if c.task.identity in keep]
+    assert rank_p == rank_f
+    # The victim: the same wherever it is stable (the usual case).
+    if dp.victim is not None and dp.victim.task.identity in keep:
+        assert df.victim is not None
+        assert df.victim.task.identity == dp.victim.task.identity
+
+
+@pytest.mark.kernel
+def test_parity_with_our_own_children(iterator: bpf.TaskIterator, tmp_path: Path) -> None:
+    """Children of known sizes and oom_score_adj: both backends agree on each."""
+    code = (
+        "import os, sys, time\n"
+        "b = bytearray(int(sys.argv[1]) << 20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "open('/proc/self/oom_score_adj', 'w').write(sys.argv[2])\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    children = [subprocess.Popen([sys.executable, "-c", code, str(mib), str(adj)],
+                                 stdout=subprocess.PIPE)
+                for mib, adj in ((8, 0), (32, 100), (16, -500), (4, -1000))]
+    try:
+        for c in children:
+            assert c.stdout is not None and c.stdout.readline() == b"ready\n"
+        pids = {c.pid for c in children}
+        proc = build_snapshot(SourceConfig(source="procfs"))
+        fast = build_snapshot(SourceConfig(source="bpf"))
+        total = proc.system.totalpages
+        for pid in pids:
+            p, q = proc.task(pid), fast.task(pid)
+            assert p is not None and q is not None
+            assert q.identity == p.identity
+            assert q.oom_score_adj == p.oom_score_adj
+            assert q.oom_rss == p.oom_rss and _points(q, total) == _points(p, total)
+        ours_p = [c.task.pid for c in kernel_decision(proc, system_domain(proc)).candidates
+                  if c.task.pid in pids]
+        ours_f = [c.task.pid for c in kernel_decision(fast, system_domain(fast)).candidates
+                  if c.task.pid in pids]
+        assert ours_p == ours_f
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+
+
+@pytest.mark.kernel
+def test_bpf_reads_exe_and_cmdline_only_when_asked(iterator: bpf.TaskIterator) -> None:
+    plain = build_snapshot(SourceConfig(source="bpf"))
+    me = plain.task(os.getpid())
+    assert me is not None and me.exe is None and me.cmdline is None
+    rich = build_snapshot(SourceConfig(source="bpf", read=ReadOptions(details=True)))
+    me = rich.task(os.getpid())
+    assert me is not None and me.exe is not None and me.cmdline
+
+
+@pytest.mark.kernel
+def test_no_fd_left_after_close() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    try:
+        it = bpf.TaskIterator(bpf.default_object_path())
+    except BpfError as e:
+        need(False, f"the BPF task iterator cannot be had here: {e}")
+        return
+    for _ in range(3):
+        bpf.decode_records(it.read())
+    it.close()
+    it.close()
+    assert set(os.listdir("/proc/self/fd")) <= before
+
+
+# -- the fallback ----------------------------------------------------------------------
+
+
+def test_fallback_to_procfs_with_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.bpf.o")
+    choice = choose_source(SourceConfig(source="auto", bpf_object=missing))
+    assert choice.backend == "procfs"
+    assert choice.reason is not None and "\n" not in choice.reason
+    assert missing in choice.reason and "procfs" in choice.reason
+    snap = build_snapshot(SourceConfig(source="auto", bpf_object=missing))
+    assert snap.task(os.getpid()) is not None
+    with pytest.raises(BpfError, match=r"missing\.bpf\.o"):
+        build_snapshot(SourceConfig(source="bpf", bpf_object=missing))
+
+
+def test_fallback_on_an_object_the_kernel_refuses(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.bpf.o"
+    bad.write_bytes(b"\x7fELF not really")
+    choice = choose_source(SourceConfig(source="auto", bpf_object=str(bad)))
+    assert choice.backend == "procfs"
+    assert choice.reason is not None and "\n" not in choice.reason and str(bad) in choice.reason
+
+
+def test_a_recorded_tree_is_procfs_silently() -> None:
+    tree = REPO / "tests" / "fixtures"
+    choice = choose_source(SourceConfig(source="auto", proc_root=str(tree)))
+    assert choice == type(choice)("procfs", None)
+
+
+def _explain(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "oomwarden.cli", "explain", "--top", "1",
+                           "--json", *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_explain_source_auto_falls_back_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, bpf.OBJECT_ENV: str(tmp_path / "missing.bpf.o")}
+    done = _explain("--source", "auto", env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "missing.bpf.o" in lines[0] and "procfs" in lines[0]
+    done = _explain("--source", "bpf", env=env)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert "missing.bpf.o" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.kernel
+def test_explain_source_bpf(iterator: bpf.TaskIterator) -> None:
+    done = _explain("--source", "bpf", env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert '"victim"' in done.stdout
