@@ -212,3 +212,14 @@ def test_a_few_hundred_steps_and_dozens_of_processes_run_fast() -> None:
     for name in ("kernel", "growth"):
         r = simulate(sc, load_policy(name))
         assert r.seconds < 1.0, (name, r.seconds)
+
+
+@pytest.mark.parametrize("swap", ["0", "256M"])
+def test_every_kernel_oom_step_is_a_step_at_the_limit(swap: str) -> None:
+    # A leak and no warden action: the kernel kills, and a step where it did
+    # was at the limit (counted before its kills freed memory).
+    sc = parse_scenario(KERNEL_ONLY.format(swap=swap, adj=0), "kernel-only.toml")
+    r = simulate(sc, load_policy("kernel"))
+    assert r.warden_decisions == 0
+    assert r.kernel_ooms > 0
+    assert r.steps_at_limit >= r.kernel_ooms

@@ -505,14 +505,18 @@ class Simulation:
         last_kernel = -1
         for step in range(self.steps):
             grown = self._evolve(step)
+            # At the limit: RAM full (demand reached limit + swap) before the
+            # kernel acted, the kernel fired, or RAM still full at the end.
+            _, ram_before, _ = self._state()
             before = r.kernel_ooms
             self._kernel(step)
-            if r.kernel_ooms > before:
+            fired = r.kernel_ooms > before
+            if fired:
                 last_kernel = step
             self._pressure(grown)
             self._warden(step)
             demand, ram, swap = self._state()
-            if ram >= self.sc.limit:
+            if fired or ram_before >= self.sc.limit or ram >= self.sc.limit:
                 r.steps_at_limit += 1
             r.usage.append(self.usage)
             r.accounted.append(demand)
