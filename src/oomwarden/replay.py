@@ -5,10 +5,14 @@ the daemon runs, with the history the daemon would have had (the newest
 snapshot at least ``HISTORY_S`` older). What a trace can show of the
 daemon's triggers (``docs/trace-format.md#replay``):
 
-* ``oom``: a memory cgroup under OOM (v1 ``under_oom``) in a snapshot, or its
-  OOM counters (v1 ``oom_control`` ``oom_kill``, v2 ``memory.events``
-  ``oom``/``oom_kill``) higher than in the previous snapshot; for a rise the
-  point is the previous snapshot, the last one before the OOM;
+* ``oom``: a memory cgroup with a limit of its own under OOM (v1
+  ``under_oom``, the top-most such cgroup: the kernel marks the subtree), or
+  whose OOM counter (v2 ``memory.events`` ``oom``, v1 ``oom_control``
+  ``oom_kill``) is higher than in the previous snapshot while no limited
+  cgroup below it saw its own counter rise (the counters are hierarchical:
+  an OOM in ``/a/b`` counts in ``/a`` too); for a rise the point is the
+  previous snapshot, the last one before the OOM. On v1 ``oom_kill`` counts
+  the kernel's kills only, so an OOM the warden handled shows as ``margin``;
 * ``limit``: a v1 ``failcnt`` or v2 ``max`` event count higher than in the
   previous snapshot (the cgroup reached its limit and reclaimed; not an OOM);
 * ``margin``: a memory cgroup's working set (usage less inactive file cache,
@@ -228,11 +232,28 @@ def _pressure_detail(p: Pressure | None, levels: PressureLevels) -> str | None:
 
 
 def _counters(cg: Cgroup) -> tuple[int, int]:
-    """(OOM count, limit count) of a cgroup."""
+    """(OOM count, limit count) of a cgroup: v1 ``oom_control`` ``oom_kill``
+    (the kernel's kills) and ``failcnt``; v2 ``memory.events`` ``oom`` (the
+    limit reached and an allocation about to fail) and ``max``."""
     if cg.kind is HierarchyKind.V1:
         ooms = cg.oom_control.oom_kill if cg.oom_control is not None else None
         return ooms or 0, cg.failcnt or 0
-    return cg.events.get("oom", 0) + cg.events.get("oom_kill", 0), cg.events.get("max", 0)
+    return cg.events.get("oom", 0), cg.events.get("max", 0)
+
+
+def _oom_text(old: Cgroup, cg: Cgroup) -> str:
+    if cg.kind is HierarchyKind.V1:
+        return f"oom_control oom_kill {_counters(old)[0]} -> {_counters(cg)[0]}"
+    return (f"memory.events oom {old.events.get('oom', 0)} -> {cg.events.get('oom', 0)}, "
+            f"oom_kill {old.events.get('oom_kill', 0)} -> {cg.events.get('oom_kill', 0)}")
+
+
+def _below(path: str, ancestor: str) -> bool:
+    return path != ancestor and path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
 
 
 def fired(index: int, snapshot: Snapshot, previous: Snapshot | None, triggers: Triggers,
@@ -257,6 +278,16 @@ def fired(index: int, snapshot: Snapshot, previous: Snapshot | None, triggers: T
             out.append(Fired(index, None, "pressure", f"system {detail}"))
     wanted = None if cgroups is None else set(cgroups)
     before = {} if previous is None else {(c.kind, c.path): c for c in previous.cgroups}
+    # Limited memory cgroups whose own OOM counter rose since the previous
+    # snapshot (the counters are hierarchical: a rise below explains one above).
+    rose: dict[tuple[HierarchyKind, str], Cgroup] = {}
+    if triggers.oom:
+        for cg in snapshot.cgroups:
+            old = before.get((cg.kind, cg.path))
+            if (cg.memory_controller and cg.path != "/" and _limited(cg, mem.page_size)
+                    and old is not None and old.inode == cg.inode
+                    and _counters(cg)[0] > _counters(old)[0]):
+                rose[(cg.kind, cg.path)] = old
     for cg in snapshot.cgroups:
         key = (cg.kind, cg.path)
         if not cg.memory_controller or cg.path == "/" or (wanted is not None
@@ -265,13 +296,17 @@ def fired(index: int, snapshot: Snapshot, previous: Snapshot | None, triggers: T
         old = before.get(key)
         if old is not None and old.inode != cg.inode:
             old = None  # another cgroup under the same name
-        if triggers.oom:
-            if cg.oom_control is not None and cg.oom_control.under_oom:
+        if triggers.oom and _limited(cg, mem.page_size):
+            parent = snapshot.cgroup(cg.kind, _parent(cg.path))
+            if (cg.oom_control is not None and cg.oom_control.under_oom
+                    and not (parent is not None and parent.oom_control is not None
+                             and parent.oom_control.under_oom)):
                 out.append(Fired(index, key, "oom", "memory.oom_control: under_oom"))
-            elif old is not None and _counters(cg)[0] > _counters(old)[0]:
+            elif key in rose and old is not None and not any(
+                    k[0] is cg.kind and _below(k[1], cg.path) for k in rose):
                 out.append(Fired(index - 1, key, "oom",
-                                 f"OOM count {_counters(old)[0]} -> {_counters(cg)[0]} by "
-                                 "the next snapshot: the last snapshot before the OOM"))
+                                 f"{_oom_text(old, cg)} by the next snapshot: the last "
+                                 "snapshot before the OOM"))
         if triggers.limit and old is not None and _counters(cg)[1] > _counters(old)[1]:
             out.append(Fired(index - 1, key, "limit",
                              f"limit count {_counters(old)[1]} -> {_counters(cg)[1]} by the "
