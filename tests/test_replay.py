@@ -234,6 +234,33 @@ def test_record_then_replay(tmp_path: Path) -> None:
     assert table.returncode == 0 and "replay:" in table.stdout and "agree" in table.stdout
 
 
+EARLYOOM_PREFER_AVOID = str(Path(__file__).parent.parent / "examples" / "policies"
+                            / "earlyoom-prefer-avoid.toml")
+
+
+def test_replay_warns_when_a_name_policy_meets_a_trace_without_details(tmp_path: Path
+                                                                       ) -> None:
+    plain, detailed = tmp_path / "plain.trace", tmp_path / "detailed.trace"
+    assert run("record", "--out", str(plain), "--duration", "0.1").returncode == 0
+    assert run("record", "--out", str(detailed), "--duration", "0.1",
+               "--details").returncode == 0
+    for mode in ([], ["--json"]):
+        shown = run("replay", str(plain), "--every", *mode, "--policy", "kernel",
+                    "--policy", EARLYOOM_PREFER_AVOID)
+        assert shown.returncode == 0, shown.stderr
+        (warning,) = [x for x in shown.stderr.splitlines() if "warning" in x]
+        assert EARLYOOM_PREFER_AVOID in warning and "exe/cmdline" in warning
+        assert "--details" in warning and "kernel " not in warning
+        if mode:
+            (doc,) = [json.loads(x) for x in shown.stdout.splitlines()]
+            (note,) = doc["notes"]
+            assert EARLYOOM_PREFER_AVOID in note
+    shown = run("replay", str(detailed), "--every", "--json", "--policy",
+                EARLYOOM_PREFER_AVOID)
+    assert shown.returncode == 0 and "warning" not in shown.stderr
+    assert all(json.loads(x)["notes"] == [] for x in shown.stdout.splitlines())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_stopped_or_killed_recorder_leaves_a_readable_trace(tmp_path: Path,
                                                               sig: signal.Signals) -> None:

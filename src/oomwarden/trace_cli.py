@@ -14,8 +14,9 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
@@ -263,6 +264,48 @@ def _runs(specs: Sequence[str]) -> list[PolicyRun]:
     return runs
 
 
+@dataclass(frozen=True, slots=True)
+class _Cell:
+    """What the table shows of one policy's decision at one point."""
+
+    outcome: str
+    points: int | None
+    reasons: tuple[str, ...]
+    fallback: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """What the table shows of one point (not the whole decisions: a point
+    of 2,000 tasks holds about half a megabyte of them)."""
+
+    index: int
+    taken_ns: int
+    domain: str
+    triggers: tuple[str, ...]
+    cells: tuple[_Cell, ...]
+    agree: bool
+
+
+def _row(p: ReplayPoint) -> _Row:
+    cells = tuple(
+        _Cell(describe_outcome(d), None if d.victim is None else d.victim.points,
+              () if d.victim is None else tuple(d.victim.reasons[:TABLE_REASONS]),
+              d.fallback)
+        for _, d in p.decisions)
+    return _Row(p.index, p.taken_ns, p.domain.name, p.triggers, cells, p.agree)
+
+
+def details_notes(runs: Sequence[PolicyRun], options: Mapping[str, Any]) -> list[str]:
+    """A note for each policy that matches on exe/cmdline when the trace was
+    recorded without them (``record --details``)."""
+    if options.get("details"):
+        return []
+    return [f"policy {run.label} matches on exe/cmdline, which this trace lacks (recorded "
+            "without --details): its rules on them never match; re-record with --details"
+            for run in runs if run.policy.needs_details]
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from oomwarden.cli import _out_console, literal  # noqa: PLC0415 (cli imports this)
 
@@ -274,7 +317,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if isinstance(recorded_cg, dict) and isinstance(recorded_cg.get("kind"), str) and \
             isinstance(recorded_cg.get("path"), str):
         recorded = (recorded_cg["kind"], recorded_cg["path"])
-    points: list[ReplayPoint] = []
+    notes = details_notes(runs, reader.header.options)
+    for note in notes:
+        sys.stderr.write(f"oomwarden: warning: {note}\n")
+    sys.stderr.flush()
+    rows: list[_Row] = []
+    npoints = 0
     first_ns: int | None = None
     snapshots = 0
 
@@ -290,20 +338,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
         for point in replay(counted(), runs, triggers=triggers, every=args.every,
                             cgroup=args.cgroup, recorded=recorded,
                             budget_s=DEFAULT_BUDGET_S):
+            npoints += 1
             if args.json:
-                json.dump(point.to_json(top=args.top), sys.stdout, separators=(",", ":"))
+                doc = point.to_json(top=args.top)
+                doc["notes"] = notes
+                json.dump(doc, sys.stdout, separators=(",", ":"))
                 sys.stdout.write("\n")
             else:
-                points.append(point)
-    disagree = sum(1 for p in points if not p.agree) if not args.json else None
+                rows.append(_row(point))
+    disagree = sum(1 for r in rows if not r.agree) if not args.json else None
     if args.json:
         sys.stdout.flush()
     else:
         console = _out_console()
-        _print_replay(console, points, runs, first_ns or 0, literal)
-        console.print(f"{snapshots} snapshots, {len(points)} points; the policies disagree at "
+        _print_replay(console, rows, runs, first_ns or 0, literal)
+        console.print(f"{snapshots} snapshots, {npoints} points; the policies disagree at "
                       f"{disagree}" if len(runs) > 1 else
-                      f"{snapshots} snapshots, {len(points)} points")
+                      f"{snapshots} snapshots, {npoints} points")
     if reader.truncated:
         sys.stderr.write(f"oomwarden: {args.file} was cut short after {snapshots} snapshots "
                          "(a recorder killed or still running): replayed what is there\n")
@@ -312,7 +363,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_replay(console: Console, points: Sequence[ReplayPoint], runs: Sequence[PolicyRun],
+def _print_replay(console: Console, points: Sequence[_Row], runs: Sequence[PolicyRun],
                   first_ns: int, literal: Any) -> None:
     if not points:
         console.print("no trigger fired in the trace (--every decides at every snapshot)")
@@ -328,16 +379,16 @@ def _print_replay(console: Console, points: Sequence[ReplayPoint], runs: Sequenc
         table.add_column("agree", no_wrap=True)
     for p in points:
         cells: list[Text | str] = [str(p.index), f"{(p.taken_ns - first_ns) / 1e9:.1f}",
-                                   literal(p.domain.name), ", ".join(p.triggers)]
-        for _, d in p.decisions:
-            cell = literal(describe_outcome(d))
-            if d.victim is not None:
-                cell.append(f"\n{d.victim.points} points", style="dim")
-                for reason in d.victim.reasons[:TABLE_REASONS]:
+                                   literal(p.domain), ", ".join(p.triggers)]
+        for c in p.cells:
+            cell = literal(c.outcome)
+            if c.points is not None:
+                cell.append(f"\n{c.points} points", style="dim")
+                for reason in c.reasons:
                     cell.append_text(Text("\n- ", style="dim"))
                     cell.append_text(literal(reason).copy())
-            if d.fallback is not None:
-                cell.append_text(Text.assemble("\nfallback: ", literal(d.fallback),
+            if c.fallback is not None:
+                cell.append_text(Text.assemble("\nfallback: ", literal(c.fallback),
                                                style="yellow"))
             cells.append(cell)
         if len(runs) > 1:
