@@ -49,12 +49,14 @@ def cg(path: str, i: int, **kw: Any) -> Cgroup:
 
 
 def snap(*tasks: Task, swap_total: int = 0, swap_free: int = 0, taken_ns: int = 10**10,
-         pressures: dict[str, float] | None = None) -> Snapshot:
+         pressures: dict[str, float] | None = None, mem_available: int = 100_000 * PAGE
+         ) -> Snapshot:
     paths = ["/", *sorted({t.cgroup_v2 for t in tasks if t.cgroup_v2 not in (None, "/")})]
     p = pressures or {}
     cgroups = tuple(cg(path, i, pressure=psi(p[path]) if path in p else None)
                     for i, path in enumerate(paths))
-    system = SystemMemory(1_000_000 * PAGE, 100_000 * PAGE, swap_total, swap_free, None, PAGE, 60)
+    system = SystemMemory(1_000_000 * PAGE, mem_available, swap_total, swap_free, None, PAGE,
+                          60)
     return Snapshot(taken_ns, system, tasks, HIER, cgroups)
 
 
@@ -117,9 +119,21 @@ def test_systemd_oomd_swap_rule_then_pressure_rule() -> None:
     swapper = task(10, rss_anon=100_000, swap=90_000, cgroup_v2="/a")
     large = task(11, rss_anon=500_000, swap=10_000, cgroup_v2="/b")
     total = 100_000 * PAGE
-    low = snap(swapper, large, swap_total=total, swap_free=total // 20)
+    low_mem = 50_000 * PAGE  # MemAvailable 5 % of MemTotal
+    low = snap(swapper, large, swap_total=total, swap_free=total // 20, mem_available=low_mem)
     d = victim("systemd-oomd", low)
     assert d.actions[0].path == "/a" and "swap rule" in " ".join(d.victim.reasons)
+    # oomd-manager.c wants both below 100 - SwapUsedLimit (10 %), strictly:
+    # swap low but MemAvailable 10 % (not below) or plenty: no swap rule
+    for plenty in (100_000 * PAGE, 500_000 * PAGE):
+        d = victim("systemd-oomd", snap(swapper, large, swap_total=total,
+                                        swap_free=total // 20, mem_available=plenty))
+        assert d.actions[0].path == "/b" and "swap rule" not in " ".join(d.victim.reasons)
+    # MemAvailable low but swap free at 10 % (not below) or plenty: no swap rule
+    for free in (total // 10, total // 2):
+        d = victim("systemd-oomd", snap(swapper, large, swap_total=total, swap_free=free,
+                                        mem_available=low_mem))
+        assert d.actions[0].path == "/b" and "swap rule" not in " ".join(d.victim.reasons)
     # swap not low: the cgroup under most pressure, whatever its size
     calm = snap(swapper, large, swap_total=total, swap_free=total // 2,
                 pressures={"/a": 5.0, "/b": 40.0})

@@ -194,14 +194,22 @@ def _systemd_oomd() -> Callable[[Task, Context], Verdict]:
         size = u.size[key]
         shown = fmt_bytes(size * ctx.page_size)
         if system.swap_total > 0:
+            # oomd-manager.c: oomd_mem_available_below(100 - SwapUsedLimit) &&
+            # oomd_swap_free_below(100 - SwapUsedLimit), both strictly below.
+            free_percent = 100 - SYSTEMD_SWAP_USED_LIMIT_PERCENT
             used = system.swap_total - system.swap_free
             swap_pages = u.swap[key]
             floor = system.swap_total * SYSTEMD_SWAP_CANDIDATE_PERCENT // 100 // ctx.page_size
-            if (used * 100 >= system.swap_total * SYSTEMD_SWAP_USED_LIMIT_PERCENT
-                    and swap_pages > floor):
+            mem_low = (system.mem_available is not None and system.mem_available * 100
+                       < system.mem_total * free_percent)
+            swap_low = system.swap_free * 100 < system.swap_total * free_percent
+            if mem_low and swap_low and swap_pages > floor:
+                assert system.mem_available is not None
                 return select(_BAND_TOP + min(swap_pages, _BAND_MID - 1),
-                              f"swap {used * 100 // system.swap_total}% used (>= "
-                              f"{SYSTEMD_SWAP_USED_LIMIT_PERCENT}%): unit {key} swaps "
+                              f"MemAvailable {system.mem_available * 100 // system.mem_total}% "
+                              f"and swap free {system.swap_free * 100 // system.swap_total}% "
+                              f"(swap {used * 100 // system.swap_total}% used), both below "
+                              f"{free_percent}%: unit {key} swaps "
                               f"{fmt_bytes(swap_pages * ctx.page_size)}, the swap rule")
         found = ctx.pressure_of(task)
         if found is not None and key == found[0].path:
@@ -221,7 +229,7 @@ PEERS: dict[str, Policy] = {
                                       "50% of the total, else the fastest grower (x1.25) "
                                       "among the top 20%, else the largest"),
     "systemd-oomd": Policy("systemd-oomd", _systemd_oomd(), victim="cgroup",
-                           description="systemd-oomd: with swap >= 90% used the cgroup with "
-                                       "most swap, else the one under most pressure "
-                                       "(reclaim), then the largest"),
+                           description="systemd-oomd: with MemAvailable and swap free both "
+                                       "below 10% the cgroup with most swap, else the one "
+                                       "under most pressure (reclaim), then the largest"),
 }
