@@ -10,6 +10,7 @@ SRC=src/oomwarden/bpf/tasks.bpf.c
 OBJ=src/oomwarden/bpf/tasks.bpf.o
 OUT=.cache/bpf
 PATH="$PATH:/usr/sbin:/sbin"
+mkdir -p "$OUT"
 
 say() { echo "bpf: $*; the warden will use procfs" >&2; rm -f "$OBJ"; exit 0; }
 
