@@ -11,6 +11,7 @@ import json
 import zlib
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,6 +41,8 @@ from oomwarden.trace import (
     TraceReader,
     TraceWriter,
     read_trace,
+    seal,
+    unseal,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -147,7 +150,8 @@ def test_the_live_machine_round_trips() -> None:
 def test_a_trace_is_a_gzip_file_of_json_lines(tmp_path: Path) -> None:
     data = write([fixture("v2")])
     lines = gzip.decompress(data).splitlines()
-    header, snap, end = (json.loads(x) for x in lines)
+    assert all(unseal(x) is not None for x in lines)  # JSON, a tab, its CRC32
+    header, snap, end = (json.loads(x.rpartition(b"\t")[0]) for x in lines)
     assert header["format"] == FORMAT and header["version"] == VERSION
     assert header["schema"]["task"][0] == "pid"
     assert snap["t"] == "snap" and snap["i"] == 0 and snap["wall_ns"] == 1000
@@ -179,16 +183,28 @@ def test_a_cut_trace_reads_up_to_the_cut(compress: bool) -> None:
 # -- refusals ------------------------------------------------------------------------------
 
 
+def _obj(line: bytes) -> dict[str, object]:
+    body = unseal(line)
+    assert body is not None
+    obj = json.loads(body)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def _sealed(obj: object) -> bytes:
+    return seal(json.dumps(obj).encode())[:-1]
+
+
 def _rewrite_header(data: bytes, **changes: object) -> bytes:
     lines = gzip.decompress(data).split(b"\n")
-    header = json.loads(lines[0])
+    header = _obj(lines[0])
     header.update(changes)
-    lines[0] = json.dumps(header).encode()
+    lines[0] = _sealed(header)
     return gzip.compress(b"\n".join(lines))
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"version": 2}, "trace format version 2; this oomwarden reads version 1 only"),
+    ({"version": 1}, "trace format version 1; this oomwarden reads version 2 only"),
     ({"format": "other"}, "not an oomwarden trace"),
     ({"schema": {"task": ["pid"]}}, "schema differs"),
 ])
@@ -200,13 +216,13 @@ def test_another_version_or_format_is_refused(changes: dict[str, object], messag
 
 def test_wrong_values_are_refused_with_the_place() -> None:
     lines = gzip.decompress(write([fixture("v2")], delta=False)).split(b"\n")
-    rec = json.loads(lines[1])
+    rec: Any = _obj(lines[1])
     rec["tasks"][0][0] = "1"  # pid as a string
-    lines[1] = json.dumps(rec).encode()
+    lines[1] = _sealed(rec)
     with pytest.raises(TraceError, match=r"record 1: tasks\[0\]: Task.pid: expected an integer"):
         read(gzip.compress(b"\n".join(lines)))
     rec["tasks"][0] = 5  # a back-reference with nothing before it
-    lines[1] = json.dumps(rec).encode()
+    lines[1] = _sealed(rec)
     with pytest.raises(TraceError, match="refers to item 5"):
         read(gzip.compress(b"\n".join(lines)))
 
@@ -328,3 +344,47 @@ def test_a_damaged_trace_is_read_or_refused_never_another_exception(
 def test_a_zlib_stream_that_is_not_gzip_is_refused() -> None:
     with pytest.raises(TraceError):
         read(zlib.compress(b'{"format": "oomwarden-trace"}\n'))
+
+
+def test_a_record_changed_without_its_crc_is_refused() -> None:
+    lines = gzip.decompress(write([fixture("v2")], delta=False)).split(b"\n")
+    body, _, crc = lines[1].rpartition(b"\t")
+    lines[1] = body.replace(b'"wall_ns":1000', b'"wall_ns":1001') + b"\t" + crc
+    with pytest.raises(TraceError, match=r"record 1 is damaged \(its CRC32 does not match\)"):
+        read(gzip.compress(b"\n".join(lines)))
+    lines = gzip.decompress(write([fixture("v2")])).split(b"\n")
+    lines[0] = lines[0].replace(b'"hostname":"test"', b'"hostname":"tesT"')
+    with pytest.raises(TraceError, match="header is damaged"):
+        read(gzip.compress(b"\n".join(lines)))
+
+
+_FLIP_SAMPLE: dict[bool, tuple[list[Snapshot], bytes]] = {}
+
+
+def _flip_sample(compress: bool) -> tuple[list[Snapshot], bytes]:
+    if compress not in _FLIP_SAMPLE:
+        snap = fixture("v2")
+        snaps = [dataclasses.replace(snap, taken_ns=snap.taken_ns + i,
+                                     tasks=snap.tasks[i:]) for i in range(4)]
+        _FLIP_SAMPLE[compress] = (snaps, write(snaps, compress=compress))
+    return _FLIP_SAMPLE[compress]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.booleans(), st.booleans(), st.data())
+def test_a_single_bit_flip_is_refused_or_yields_only_the_records_before_it(
+        compress: bool, cut: bool, data: st.DataObject) -> None:
+    # gzip's CRC is at the end of the stream, which a cut trace lacks: the
+    # per-line CRC32 must catch the damage before the record is used
+    snaps, full = _flip_sample(compress)
+    raw = bytearray(full[:data.draw(st.integers(1, len(full) - 1))] if cut else full)
+    at = data.draw(st.integers(0, len(raw) - 1))
+    raw[at] ^= 1 << data.draw(st.integers(0, 7))
+    got: list[Snapshot] = []
+    try:
+        reader = TraceReader(io.BytesIO(bytes(raw)))
+        for rec in reader:
+            got.append(rec.snapshot)
+    except TraceError:
+        pass
+    assert got == snaps[:len(got)], "a damaged record was read as valid"

@@ -15,9 +15,14 @@ replayed snapshot gives what it gave on the live one. With ``delta`` on, a
 task, cgroup or hierarchy unchanged since the previous snapshot is stored
 as its index in that snapshot's list.
 
+Every line ends with a tab and the CRC32 of its JSON (8 lowercase hex
+digits), checked before the line is used: gzip's own CRC covers the whole
+stream and is only checked at its end, which a cut trace never reaches, so
+without it a damaged record in a cut trace would read as valid but wrong data.
+
 Everything that goes wrong reading a trace is a :class:`TraceError` with one
-line: a foreign file, another version, a corrupt stream, a record that is not
-what the schema says.
+line: a foreign file, another version, a corrupt stream, a line whose CRC32
+does not match, a record that is not what the schema says.
 """
 
 from __future__ import annotations
@@ -48,7 +53,10 @@ from oomwarden.model import (
 )
 
 FORMAT = "oomwarden-trace"
-VERSION = 1
+#: 2: every line carries its CRC32 (1, unreleased, had none).
+VERSION = 2
+#: Between a line's JSON and its CRC32 (JSON as written never holds a raw tab).
+CRC_SEP = b"\t"
 #: gzip's magic number: the stream is compressed.
 GZIP_MAGIC = b"\x1f\x8b"
 #: zlib's wbits for a gzip container.
@@ -365,7 +373,7 @@ class TraceWriter:
         self._write(header)
 
     def _write(self, obj: Mapping[str, Any]) -> None:
-        data = json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+        data = seal(json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode())
         if self._z is not None:
             data = self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
         self.out.write(data)
@@ -397,7 +405,20 @@ class TraceWriter:
             self.bytes_written += len(tail)
 
 
+def seal(line: bytes) -> bytes:
+    """A line of JSON as stored: the JSON, a tab, its CRC32 in 8 hex digits, a newline."""
+    return line + CRC_SEP + b"%08x" % zlib.crc32(line) + b"\n"
+
+
 # -- reading --------------------------------------------------------------------------------
+
+
+def unseal(line: bytes) -> bytes | None:
+    """The JSON of a stored line if its CRC32 matches, else None."""
+    body, sep, crc = line.rpartition(CRC_SEP)
+    if not sep or crc != b"%08x" % zlib.crc32(body):
+        return None
+    return body
 
 
 def _lines(raw: IO[bytes], name: str) -> Iterator[tuple[bytes, bool]]:
@@ -447,7 +468,7 @@ def _header(obj: Mapping[str, Any], name: str) -> TraceHeader:
                          f"reads version {VERSION} only")
     if obj.get("schema") != schema():
         raise TraceError(f"{name}: the trace's schema differs from this oomwarden's "
-                         "(written by another build of version 1)")
+                         f"(written by another build of version {VERSION})")
     try:
         host, options = obj.get("host"), obj.get("options")
         if not isinstance(host, dict) or not isinstance(options, dict):
@@ -482,13 +503,17 @@ class TraceReader:
         if not whole:
             raise TraceError(f"{name}: no complete header: not an oomwarden trace, "
                              "or one cut short before its first record")
+        body = unseal(first)
         try:
-            obj = json.loads(first)
+            obj = json.loads(body if body is not None else
+                             first.rpartition(CRC_SEP)[0] or first)
         except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             raise TraceError(f"{name}: not an oomwarden trace (its first line is not a JSON "
                              "object)")
+        if body is None and obj.get("format") == FORMAT and obj.get("version") == VERSION:
+            raise TraceError(f"{name}: the header is damaged (its CRC32 does not match)")
         self.header = _header(obj, name)
 
     def __iter__(self) -> Iterator[TraceRecord]:
@@ -500,7 +525,11 @@ class TraceReader:
             if not whole:
                 self.truncated = True
                 return
-            obj = _json(line, self.name, f"record {expected + 1}")
+            body = unseal(line)
+            if body is None:
+                raise TraceError(f"{self.name}: record {expected + 1} is damaged (its CRC32 "
+                                 "does not match)")
+            obj = _json(body, self.name, f"record {expected + 1}")
             kind = obj.get("t")
             if kind == "end":
                 if obj.get("snapshots") != expected:
