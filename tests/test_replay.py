@@ -27,7 +27,7 @@ from oomwarden.replay import (
 )
 from oomwarden.sources.procfs import ReadOptions
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
-from oomwarden.trace import TraceRecord, read_trace
+from oomwarden.trace import TraceRecord, TraceStats, open_trace, read_trace
 from test_daemon import Warden, config, decisions, wait_dead
 
 from conftest import need
@@ -232,6 +232,33 @@ def test_record_then_replay(tmp_path: Path) -> None:
     assert all(set(x["decisions"]) == {"kernel", "largest"} for x in lines)
     table = run("replay", str(out), "--every", "--policy", "kernel", "--policy", "growth")
     assert table.returncode == 0 and "replay:" in table.stdout and "agree" in table.stdout
+
+
+def test_the_recorder_goes_on_when_its_stderr_reader_is_gone(tmp_path: Path) -> None:
+    out = tmp_path / "t.trace"
+    proc = subprocess.Popen([*CLI, "record", "--out", str(out), "--interval", "0.2",
+                             "--duration", "1.5"], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    proc.stderr.close()  # the progress line's reader goes away at once
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    reader, raw = open_trace(str(out))
+    with raw:
+        records = list(reader)
+    assert code == 0
+    assert reader.complete and reader.end_reason == "duration" and len(records) >= 6
+
+
+def test_the_live_figure_is_the_steady_state_one() -> None:
+    stats = TraceStats(snapshots=1, tasks=1000, bytes_written=30_000, first_bytes=30_000,
+                       first_tasks=1000)
+    assert stats.steady_bytes_per_kilotask is None
+    stats = dataclasses.replace(stats, snapshots=3, tasks=3000, bytes_written=32_000)
+    assert stats.steady_bytes_per_kilotask == 1000  # 2,000 B over 2,000 tasks
 
 
 EARLYOOM_PREFER_AVOID = str(Path(__file__).parent.parent / "examples" / "policies"

@@ -588,6 +588,9 @@ class TraceStats:
     tasks: int = 0
     bytes_written: int = 0
     seconds: list[float] = field(default_factory=list)
+    #: Bytes (the header included) and tasks once the first snapshot was written.
+    first_bytes: int = 0
+    first_tasks: int = 0
 
     @property
     def bytes_per_kilotask(self) -> float | None:
@@ -595,3 +598,13 @@ class TraceStats:
         if not self.snapshots or not self.tasks:
             return None
         return self.bytes_written * 1000 / self.tasks
+
+    @property
+    def steady_bytes_per_kilotask(self) -> float | None:
+        """Bytes per snapshot per 1,000 tasks after the first snapshot (which
+        holds every item in full, after the header): what a long recording
+        costs. None before a second snapshot."""
+        tasks = self.tasks - self.first_tasks
+        if self.snapshots < 2 or tasks <= 0:
+            return None
+        return (self.bytes_written - self.first_bytes) * 1000 / tasks

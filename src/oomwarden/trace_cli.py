@@ -176,13 +176,31 @@ def _stoppable() -> Iterator[_Stop]:
 
 
 def _progress(stats: TraceStats, err: TextIO, path: str) -> str:
-    per = stats.bytes_per_kilotask
+    per = stats.steady_bytes_per_kilotask
     ms = statistics.median(stats.seconds) * 1000 if stats.seconds else 0.0
     mean = stats.tasks / stats.snapshots if stats.snapshots else 0
     return (f"{path}: {stats.snapshots} snapshots, {mean:.0f} tasks each, "
             f"{fmt_bytes(stats.bytes_written)} written, "
-            f"{'-' if per is None else f'{per:,.0f}'} B per snapshot per 1,000 tasks, "
-            f"{ms:.0f} ms per snapshot")
+            f"{'-' if per is None else f'{per:,.0f}'} B per snapshot per 1,000 tasks "
+            f"(after the first), {ms:.0f} ms per snapshot")
+
+
+class _Progress:
+    """Writes progress to stderr until a write fails (its reader gone: a
+    closed pipe, a full disk); then stops writing, and the recording goes on."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err = err
+        self.broken = False
+
+    def write(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            self.err.write(text)
+            self.err.flush()
+        except (OSError, ValueError):
+            self.broken = True
 
 
 def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
@@ -200,7 +218,11 @@ def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
         "details": args.details, "cgroup_stat": config.cgroup_stat,
         "level": None if args.no_compress else args.level,
     }
-    terminal = err.isatty()
+    try:
+        terminal = err.isatty()
+    except (OSError, ValueError):
+        terminal = False
+    progress = _Progress(err)
     stats = TraceStats()
     reason = "stopped"
     with open(args.out, "wb") as out, _stoppable() as stop:
@@ -220,15 +242,17 @@ def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
                     break
                 writer.write(snapshot, wall)
                 stats.seconds.append(time.perf_counter() - t0)
+                if stats.snapshots == 0:
+                    stats.first_bytes = writer.bytes_written
+                    stats.first_tasks = writer.tasks
                 stats.snapshots, stats.tasks = writer.snapshots, writer.tasks
                 stats.bytes_written = writer.bytes_written
                 now = time.monotonic()
                 if terminal:
-                    err.write("\r" + _progress(stats, err, args.out) + "\x1b[K")
-                    err.flush()
+                    progress.write("\r" + _progress(stats, err, args.out) + "\x1b[K")
                 elif now - shown_at >= PLAIN_PROGRESS_S or stats.snapshots == 1:
-                    err.write("oomwarden: recording " + _progress(stats, err, args.out) + "\n")
-                    err.flush()
+                    progress.write("oomwarden: recording " + _progress(stats, err, args.out)
+                                   + "\n")
                     shown_at = now
                 next_at += args.interval
                 if next_at < now:  # late: skip the slots missed, keep the grid
@@ -244,10 +268,9 @@ def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
             writer.close(reason)
             stats.bytes_written = writer.bytes_written
     if terminal:
-        err.write("\n")
-    err.write(f"oomwarden: recorded {_progress(stats, err, args.out)}; "
-              f"{time.monotonic() - started:.1f} s ({reason})\n")
-    err.flush()
+        progress.write("\n")
+    progress.write(f"oomwarden: recorded {_progress(stats, err, args.out)}; "
+                   f"{time.monotonic() - started:.1f} s ({reason})\n")
     return 0
 
 
