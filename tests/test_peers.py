@@ -101,12 +101,25 @@ def test_oomd_growth_size_phase_then_growth_phase() -> None:
     d2 = victim("oomd-growth", snap(big2, grower, *small), history=History(then2))
     assert d2.actions[0].path == "/leak"
     assert any("growth phase" in r for r in d2.victim.reasons)
-    # a fast grower too small for the top 20 %: not the growth phase (/db is over half)
+    # the percentile rule: no unit over half (/db 200k of 590k), a fast grower
+    # (x4) below the top 20 % of the 7 units (ceil(7 * 0.2) = 2: the floor is
+    # the 2nd largest, /b's 150k) is no growth-phase victim: by size, /db
+    db = task(10, rss_anon=200_000, cgroup_v2="/db")
+    steady = task(12, rss_anon=150_000, cgroup_v2="/b")
     tiny_then = task(11, rss_anon=10_000, cgroup_v2="/leak")
     tiny_now = task(11, rss_anon=40_000, cgroup_v2="/leak")
-    d3 = victim("oomd-growth", snap(big2, tiny_now, *small),
-                history=History(snap(big2, tiny_then, *small, taken_ns=0)))
+    d3 = victim("oomd-growth", snap(db, steady, tiny_now, *small),
+                history=History(snap(db, steady, tiny_then, *small, taken_ns=0)))
     assert d3.actions[0].path == "/db"
+    reasons = " ".join(d3.victim.reasons)
+    assert "by size" in reasons and "size phase" not in reasons
+    # the same x4 grower at the floor (150k, from 37.5k) is in the top 20 %: it goes
+    at_floor_then = task(11, rss_anon=37_500, cgroup_v2="/leak")
+    at_floor = task(11, rss_anon=150_000, cgroup_v2="/leak")
+    d4 = victim("oomd-growth", snap(db, steady, at_floor, *small),
+                history=History(snap(db, steady, at_floor_then, *small, taken_ns=0)))
+    assert d4.actions[0].path == "/leak"
+    assert any("growth phase" in r for r in d4.victim.reasons)
 
 
 def test_oomd_growth_root_tasks_are_their_own_unit() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from oomwarden.policy.kernel import badness_points
 from oomwarden.policy.registry import builtins, load_policy
 from oomwarden.simulate import ScenarioError, load_scenario, parse_scenario, simulate
 from oomwarden.simulate.report import compare, plot
@@ -94,21 +93,52 @@ def test_memory_is_conserved_at_every_step(path: Path) -> None:
 
 @pytest.mark.parametrize(("swap", "adj"), [("0", 0), ("256M", 0), ("0", 500), ("128M", -1000)])
 def test_kernel_model_agrees_with_the_replica_on_every_decision(swap: str, adj: int) -> None:
+    """At every kernel OOM, rebuild the domain from the run's own record (the
+    memory of each process that step, the victims with the bytes they
+    freed), check the snapshot the simulator built against it (tasks, sizes,
+    swap) and pick the victim by hand with oom_badness's arithmetic."""
     sc = parse_scenario(KERNEL_ONLY.format(swap=swap, adj=adj), "kernel-only.toml")
+    page = 4096
+    totalpages = sc.limit // page + sc.swap // page
     for name in ("kernel", "growth"):  # the warden never acts: only the kernel kills
         r = simulate(sc, load_policy(name), keep_snapshots=True)
-        assert r.kernel_snapshots, "the kernel never fired"
+        assert r.warden_decisions == 0
         kernel_kills = [k for k in r.kills if k.by == "kernel"]
+        assert kernel_kills, "the kernel never fired"
         assert len(kernel_kills) == len(r.kernel_snapshots)
-        for (snap, decision), kill in zip(r.kernel_snapshots, kernel_kills, strict=True):
-            total = snap.system.totalpages
-            ranked = [(badness_points(t, total), t.start_ticks, t.pid) for t in snap.tasks]
-            best = max((p, s, pid) for p, s, pid in ranked if p is not None)
-            assert decision.victim is not None
-            assert decision.victim.task.pid == best[2] == kill.pid
-            assert decision.victim.points == best[0]
+        swapped = 0
+        for j, ((snap, decision), kill) in enumerate(zip(r.kernel_snapshots, kernel_kills,
+                                                          strict=True)):
+            step = kill.step
+            # living before this kill: the survivors of the step, and this
+            # step's later victims with what they freed
+            mem = {pid: s[step] for pid, s in r.series.items() if s[step] > 0}
+            mem.update({k.pid: k.freed_bytes for k in kernel_kills[j:]
+                        if k.step == step and k.pid is not None})
+            demand = sum(mem.values())
+            swap_used = min(max(0, demand - sc.limit), sc.swap)
+            assert {t.pid for t in snap.tasks} == set(mem)
+            for t in snap.tasks:
+                assert (t.rss_anon or 0) + (t.swap or 0) == mem[t.pid] // page
+            assert sum(t.swap or 0 for t in snap.tasks) * page == swap_used
+            assert snap.system.swap_free == sc.swap - swap_used
+            assert snap.system.mem_available == max(0, sc.limit - (demand - swap_used))
+            swapped += swap_used
+            # oom_badness by hand: rss + swap + page tables (the model's:
+            # one page of tables per 512 pages), plus adj * (totalpages / 1000)
+            ranked = []
+            for pid, size in mem.items():
+                a = adj if r.names[pid] == "big" else 0
+                if a == -1000:
+                    continue  # OOM_SCORE_ADJ_MIN: never chosen
+                pages = size // page
+                ranked.append((pages + pages // 512 + a * (totalpages // 1000), pid))
+            points, pid = max(ranked)  # ties: the newest (pids grow with start)
+            assert kill.pid == pid
+            assert decision.victim is not None and decision.victim.points == points
             if adj == -1000:
                 assert kill.comm != "big"
+        assert (swapped > 0) is (sc.swap > 0), "swap was never in play"
 
 
 def test_growth_beats_kernel_on_the_leaker_by_importance() -> None:
