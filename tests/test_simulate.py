@@ -253,3 +253,45 @@ def test_every_kernel_oom_step_is_a_step_at_the_limit(swap: str) -> None:
     assert r.warden_decisions == 0
     assert r.kernel_ooms > 0
     assert r.steps_at_limit >= r.kernel_ooms
+
+
+TMPFS_OWNER = """
+[scenario]
+steps = 10
+[domain]
+limit = "1G"
+[warden]
+latency_steps = 100000
+[[cgroup]]
+path = "/w"
+[[tmpfs]]
+path = "/dev/shm/a"
+size = "40M"
+[[tmpfs]]
+path = "/dev/shm/orphan"
+size = "8M"
+[[process]]
+name = "writer"
+cgroup = "/w"
+profile = "tmpfs"
+tmpfs = "/dev/shm/a"
+size = "4M"
+rate = "4M"
+"""
+
+
+def test_a_tmpfs_stays_charged_to_its_writers_cgroup_after_the_writer_dies() -> None:
+    from oomwarden.simulate.engine import Simulation  # noqa: PLC0415
+
+    sim = Simulation(parse_scenario(TMPFS_OWNER, "t.toml"), load_policy("kernel"))
+    sim.run()
+    mib = 1 << 20
+    a = sim.tmpfs["/dev/shm/a"]
+    assert a > 40 * mib
+    writer = next(p for p in sim.procs if p.comm == "writer")
+    sim._kill(writer, 9, "kernel")
+    snap = sim._now(9)
+    usage = {c.path: c.usage for c in snap.cgroups}
+    # the writer is gone, its tmpfs pages are still /w's; an unowned tmpfs is the root's
+    assert usage["/w"] == a
+    assert usage["/"] == a + 8 * mib

@@ -176,6 +176,14 @@ class Simulation:
         self.by_name: dict[str, _Proc] = {}
         self.tmpfs: dict[str, int] = {t.path: _pages(t.size) * PAGE for t in scenario.tmpfs}
         self.tmpfs_importance = {t.path: t.importance for t in scenario.tmpfs}
+        #: The cgroup a tmpfs's pages are charged to: that of its first writer
+        #: in the scenario (the kernel charges shmem pages to the cgroup that
+        #: wrote them, and they stay charged after the writer exits), else
+        #: the domain's root.
+        self.tmpfs_owner = {t.path: "/" for t in scenario.tmpfs}
+        for spec in scenario.processes:
+            if spec.tmpfs is not None and self.tmpfs_owner.get(spec.tmpfs, "/") == "/":
+                self.tmpfs_owner[spec.tmpfs] = spec.cgroup
         self.usage = sum(self.tmpfs.values())
         self.next_pid = FIRST_PID
         self.cgroup_paths = self._cgroup_order(scenario.cgroups)
@@ -312,8 +320,9 @@ class Simulation:
         return tuple(tasks)
 
     def _snapshot(self, step: int, living: list[tuple[_Proc, int, str]], swap_used: int,
-                  tmpfs_total: int) -> Snapshot:
+                  tmpfs: dict[str, int]) -> Snapshot:
         tasks = self._tasks(living, swap_used)
+        tmpfs_total = sum(tmpfs.values())
         sc = self.sc
         proc_mem = sum(m for _, m, _ in living)
         ram = proc_mem + tmpfs_total - swap_used
@@ -324,12 +333,11 @@ class Simulation:
         members: dict[str, list[Task]] = {}
         for t in tasks:
             members.setdefault(t.cgroup_v2 or "/", []).append(t)
-        tmpfs_of = {p.tmpfs: p.cgroup for p, _, _ in living if p.tmpfs is not None}
         cgroups = []
         for i, path in enumerate(self.cgroup_paths):
             inside = [t for cg, ts in members.items() if _under(cg, path) for t in ts]
-            charged = sum(size for fs, size in self.tmpfs.items()
-                          if (cg := tmpfs_of.get(fs)) is not None and _under(cg, path))
+            charged = sum(size for fs, size in tmpfs.items()
+                          if _under(self.tmpfs_owner.get(fs, "/"), path))
             psi = self.cg_psi.get(path, 0.0)
             cgroups.append(Cgroup(
                 kind=V2, path=path, fs_path="/sim" + (path if path != "/" else ""),
@@ -345,7 +353,7 @@ class Simulation:
     def _now(self, step: int) -> Snapshot:
         living = [(p, p.mem, p.comm) for p in self.procs if p.alive]
         _, _, swap = self._state()
-        return self._snapshot(step, living, swap, sum(self.tmpfs.values()))
+        return self._snapshot(step, living, swap, dict(self.tmpfs))
 
     def _then(self, step: int) -> Snapshot | None:
         back = step - self.sc.warden.history_steps
@@ -356,9 +364,8 @@ class Simulation:
         rows, swap = self.past[back]
         by_pid = {p.pid: p for p in self.procs}
         living = [(by_pid[pid], mem, comm) for pid, mem, comm in rows]
-        tmpfs_then = self.result.tmpfs_series
-        tmpfs_total = sum(s[back] for s in tmpfs_then.values()) if tmpfs_then else 0
-        return self._snapshot(back, living, swap, tmpfs_total)
+        tmpfs_then = {fs: s[back] for fs, s in self.result.tmpfs_series.items()}
+        return self._snapshot(back, living, swap, tmpfs_then)
 
     # -- acting ----------------------------------------------------------------------------------
 
