@@ -48,9 +48,14 @@ def hybrid() -> Snapshot:
 
 
 def limited(snap: Snapshot) -> Cgroup:
-    """A v1 memory cgroup of the fixture with tasks, given a 100 MiB limit."""
-    return next(c for c in snap.cgroups if c.kind is HierarchyKind.V1 and c.memory_controller
-                and c.path != "/" and c.pids)
+    """The v1 memory cgroup of the fixture with tasks and a limit of its own
+    (1 GiB). Chosen by its limit, not by its place in the list: the list
+    follows the order a directory is read in, which differs between clones
+    (CI once got the unlimited sibling, and the `oom` point, rightly, did
+    not come)."""
+    return min((c for c in snap.cgroups if c.kind is HierarchyKind.V1 and c.memory_controller
+                and c.path != "/" and c.pids and c.limit is not None and c.limit < 1 << 40),
+               key=lambda c: c.path)
 
 
 def with_cgroup(snap: Snapshot, cg: Cgroup, **changes: object) -> tuple[Snapshot, Cgroup]:
