@@ -28,7 +28,7 @@ from oomwarden.control import (
     check_queue_share,
     check_remove,
 )
-from oomwarden.domains import resolve_cgroup
+from oomwarden.domains import resolve_cgroup, within
 from oomwarden.errors import OomwardenError
 from oomwarden.model import HierarchyKind
 from oomwarden.policy.budget import signal_guard
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 
 #: explain over the socket: its policy's budget (the loop waits meanwhile).
 EXPLAIN_BUDGET_S = 0.05
-
-
-def _within(path: str | None, top: str) -> bool:
-    return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
 
 
 class WardenControl:
@@ -76,12 +72,12 @@ class WardenControl:
                 raise RequestError("not_found", f"no watched domain {requested} (watched: "
                                    f"{', '.join(sorted(domains)) or 'none'})")
             top = domains[requested]
-            if top is not None and not _within(cgroup, top):
+            if top is not None and not within(cgroup, top):
                 raise RequestError("bad_field", f"{what} is not inside {requested} (its "
                                    f"cgroup: {cgroup})")
             return requested
         inside = [(name, top) for name, top in domains.items()
-                  if top is not None and _within(cgroup, top)]
+                  if top is not None and within(cgroup, top)]
         if inside:
             return max(inside, key=lambda d: len(d[1] or ""))[0]
         if "system" in domains:

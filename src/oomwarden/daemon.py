@@ -68,7 +68,7 @@ from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.control import ControlServer
 from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
-from oomwarden.domains import resolve_cgroup
+from oomwarden.domains import resolve_cgroup, within
 from oomwarden.errors import ConfigError, ControlError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
 from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
@@ -541,15 +541,12 @@ class Warden:
                               "limits nothing")
         if cg.path == "/":
             raise DaemonError("the root memory cgroup has no limit of its own")
-        own = _own_memcg()
-        own2 = _own_cgroup2()
+        own, own2 = _own_cgroups()
         if (spec.high_guard_percent is not None and cg.kind is HierarchyKind.V2
-                and own2 is not None
-                and (own2 == cg.path or own2.startswith(cg.path.rstrip("/") + "/"))):
+                and within(own2, cg.path)):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own2}: a memory.high "
                               "guard there would throttle the warden with the others")
-        if ("oom" in spec.triggers and cg.kind is HierarchyKind.V1 and own is not None
-                and (own == cg.path or own.startswith(cg.path.rstrip("/") + "/"))):
+        if "oom" in spec.triggers and cg.kind is HierarchyKind.V1 and within(own, cg.path):
             raise DaemonError(f"{spec.cgroup}: the warden itself runs in {own}: at that "
                               "cgroup's limit it would be paused with the others")
         return cg
@@ -919,10 +916,9 @@ class Warden:
         holds the limit it was made at (``oom_memcg``) or the victim
         (``task_memcg``: a limit above the domain, or a global OOM); kills
         elsewhere are not ours to log."""
-        def within(path: str, w: _Watch) -> bool:
-            return bool(path) and (path == w.path or path.startswith(w.path.rstrip("/") + "/"))
         inside = [w for w in self.watches
-                  if within(kill.oom_memcg, w) or within(kill.task_memcg, w)]
+                  if any(path and within(path, w.path)
+                         for path in (kill.oom_memcg, kill.task_memcg))]
         if inside:
             w = max(inside, key=lambda w: len(w.path))
             w.kmsg_kills += 1
@@ -1597,24 +1593,13 @@ def restore_subtree(fs_path: str) -> None:
     restore([fs_path])
 
 
-def _own_memcg() -> str | None:
-    """This process's v1 memory cgroup path."""
+def _own_cgroups() -> tuple[str | None, str | None]:
+    """This process's v1 memory cgroup path and cgroup2 path (None: unknown)."""
     try:
         with open("/proc/self/cgroup", "rb") as f:
-            memcg, _ = parse_proc_cgroup(f.read())
+            return parse_proc_cgroup(f.read())
     except (OSError, OomwardenError):
-        return None
-    return memcg
-
-
-def _own_cgroup2() -> str | None:
-    """This process's cgroup2 path."""
-    try:
-        with open("/proc/self/cgroup", "rb") as f:
-            _memcg, unified = parse_proc_cgroup(f.read())
-    except (OSError, OomwardenError):
-        return None
-    return unified
+        return None, None
 
 
 def _gone(pid: int, start_ticks: int) -> bool:

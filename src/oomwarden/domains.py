@@ -8,6 +8,12 @@ from oomwarden.errors import CgroupNotFound
 from oomwarden.model import Cgroup, HierarchyKind, Snapshot
 
 
+def within(path: str | None, top: str) -> bool:
+    """Whether cgroup ``path`` is ``top`` or below it (paths inside one
+    hierarchy; ``top`` "/" holds every path). None (unknown) is not."""
+    return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
+
+
 def _normalise(path: str) -> str:
     norm = os.path.normpath("/" + path.strip("/"))
     return "/" if norm in ("/", "//") else norm

@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
+from oomwarden.domains import within
 from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.model import HierarchyKind
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
@@ -243,7 +244,7 @@ class Executor:
         except (OSError, ParseError):
             return False
         path = memcg if kind == "v1" else unified
-        return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
+        return within(path, top)
 
     def _signal(self, fd: int, sig: int) -> bool:
         if self.dry_run:
