@@ -4,15 +4,21 @@ too); twins of a child memory cgroup in the other hierarchies are here."""
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from oomwarden.sandbox import ChildMemcg, Hog, MemcgFactory, own_v1_memcg_dir
+from oomwarden.sandbox import (
+    ChildMemcg,
+    Hog,
+    MemcgFactory,
+    own_v1_memcg_dir,
+    remove_cgroup_dir,
+)
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_mountinfo, parse_proc_cgroup, v1_controllers
 
-__all__ = ["ChildMemcg", "Hog", "MemcgFactory", "TwinFactory", "own_v1_memcg_dir"]
+__all__ = ["ChildMemcg", "Hog", "MemcgFactory", "TwinFactory", "own_v1_memcg_dir",
+           "remove_cgroup_dir"]
 
 
 class TwinFactory:
@@ -69,12 +75,7 @@ class TwinFactory:
                     (directory / "cgroup.freeze").write_text("0")
                 if (directory / "freezer.state").exists():
                     (directory / "freezer.state").write_text("THAWED")
-            deadline = time.monotonic() + 10
-            while directory.exists():
-                try:
-                    directory.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            error = remove_cgroup_dir(directory)
+            if error is not None:
+                raise error
         self.made.clear()

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from kernelenv import ChildMemcg, Hog, MemcgFactory
+from kernelenv import ChildMemcg, Hog, MemcgFactory, remove_cgroup_dir
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024
@@ -559,12 +559,7 @@ def test_the_priority_policy_kills_the_batch_job_not_the_largest(
             hog.proc.kill()
             hog.proc.wait(timeout=5)
         for sub in (batch, web):
-            deadline = time.monotonic() + 10
-            while sub.exists() and time.monotonic() < deadline:
-                try:
-                    sub.rmdir()
-                except OSError:
-                    time.sleep(0.05)
+            remove_cgroup_dir(sub)
 
 
 def test_a_left_over_state_file_is_restored_at_start(cg: ChildMemcg, tmp_path: Path) -> None:

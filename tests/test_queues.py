@@ -23,7 +23,7 @@ import pytest
 from oomwarden.control import RequestError, call
 from test_daemon import GROWER_MIB, Warden, config, decisions, oom_control, scene, wait_dead
 
-from kernelenv import ChildMemcg, MemcgFactory
+from kernelenv import ChildMemcg, MemcgFactory, remove_cgroup_dir
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024
@@ -129,12 +129,7 @@ def test_a_cgroup_made_again_under_the_queued_name_is_not_hit(cg: ChildMemcg, tm
         if innocent is not None:
             stop(innocent)
         assert warden.stop() == 0
-        deadline = time.monotonic() + 10
-        while child.exists() and time.monotonic() < deadline:
-            try:
-                child.rmdir()
-            except OSError:
-                time.sleep(0.05)
+        remove_cgroup_dir(child)
     stale = [r for r in decisions(tmp_path) if r.get("queue")]
     assert stale, "the stale entry left no record"
     skipped = stale[0]["queue"]["skipped"]  # type: ignore[index]

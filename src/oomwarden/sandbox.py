@@ -161,18 +161,9 @@ class MemcgFactory:
             with contextlib.suppress(OSError):
                 # Let the kernel's killer act if anything is still paused in an OOM.
                 child.write("memory.oom_control", "0")
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    child.path.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if time.monotonic() > deadline:
-                        left.append(f"{child.path} ({e.strerror})")
-                        break
-                    time.sleep(0.05)
+            error = remove_cgroup_dir(child.path)
+            if error is not None:
+                left.append(f"{child.path} ({error.strerror})")
         self.children.clear()
         if left:
             raise RuntimeError(f"could not remove child cgroups: {', '.join(left)}")
@@ -259,22 +250,30 @@ class V2Factory:
             with contextlib.suppress(OSError):
                 if child.read("cgroup.procs").strip():
                     child.write("cgroup.kill", "1")  # only ever a cgroup made here
-            deadline = time.monotonic() + REMOVE_WAIT_S
-            while True:
-                try:
-                    child.path.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as e:
-                    if time.monotonic() > deadline:
-                        left.append(f"{child.path} ({e.strerror})")
-                        break
-                    time.sleep(0.05)
+            error = remove_cgroup_dir(child.path)
+            if error is not None:
+                left.append(f"{child.path} ({error.strerror})")
         self.children.clear()
         self.sleepers.clear()
         if left:
             raise RuntimeError(f"could not remove child cgroups: {', '.join(left)}")
+
+
+def remove_cgroup_dir(path: Path, timeout: float = REMOVE_WAIT_S) -> OSError | None:
+    """rmdir a cgroup, retrying while it empties (its processes are still
+    exiting), for at most ``timeout``. None once it is gone, else the last
+    error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return None
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if time.monotonic() > deadline:
+                return e
+            time.sleep(0.05)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
