@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oomwarden.control import ERROR_CODES, OPS, request
+from test_daemon import config, decisions
 
 from conftest import need
 from kernelenv import ChildMemcg, MemcgFactory
@@ -87,25 +88,6 @@ def cg(memcg_factory: MemcgFactory) -> ChildMemcg:
     return memcg_factory.create(limit_bytes=256 * MiB)
 
 
-def write_config(tmp_path: Path, cg: ChildMemcg, policy: str = "kernel") -> Path:
-    path = tmp_path / "oomwarden.toml"
-    path.write_text(f"""
-decision_log = "{tmp_path / 'decisions.jsonl'}"
-[[watch]]
-domain = "cgroup:{cg.hierarchy_path}"
-triggers = ["oom"]
-policy = "{policy}"
-""")
-    path.chmod(0o644)
-    return path
-
-
-def decisions(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 class LiveWarden:
     """``oomwarden run`` on one child memcg, serving the control socket at
     ``socket_path``. Its stderr goes to a file (nothing can block the daemon
@@ -114,7 +96,7 @@ class LiveWarden:
     def __init__(self, tmp_path: Path, cg: ChildMemcg, socket_path: str, *,
                  dry_run: bool = True) -> None:
         self.socket = socket_path
-        self.config = write_config(tmp_path, cg)
+        self.config = config(tmp_path, cg)
         self.log = tmp_path / "decisions.jsonl"
         self.err = tmp_path / "warden.err"
         with open(self.err, "wb") as err:
@@ -395,7 +377,7 @@ def test_a_recycled_pid_is_never_hit(cg: ChildMemcg, tmp_path: Path, sockdir: Pa
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     log = tmp_path / "decisions.jsonl"
-    args = {"memcg": str(cg.path), "config": str(write_config(tmp_path, cg)),
+    args = {"memcg": str(cg.path), "config": str(config(tmp_path, cg)),
             "state_file": str(tmp_path / "paused.json"), "socket": str(sockdir / "c.sock"),
             "decision_log": str(log), "warden_err": str(tmp_path / "warden.err"),
             "grow_mib": 320}
@@ -442,7 +424,7 @@ def test_a_recycled_pid_is_never_hit(cg: ChildMemcg, tmp_path: Path, sockdir: Pa
     # 1000), killed by the warden; or, had the warden handed the OOM over,
     # the kernel's killer (which picks the grower too)
     assert out["grower_rc"] == -signal.SIGKILL, context
-    records = decisions(log)
+    records = decisions(log.parent)
     oom = [r for r in records if r.get("trigger") == "oom"]
     assert oom and oom[0]["policy"] == "kernel", context
     assert oom[0]["victim"]["pid"] == out["grower_pid"], context
