@@ -440,7 +440,7 @@ def _say_entry(what: str, entry: object, fallback: int | None = None) -> None:
 
 
 _STATUS_KEYS = ("version", "pid", "started_ns", "dry_run", "config", "watches", "queues",
-                "queue_limit", "last_decisions", "kernel_kills")
+                "queue_limit", "last_decisions", "kernel_kills", "bpf")
 
 
 def _print_status(body: JsonObject, console: _Console) -> None:
@@ -499,6 +499,17 @@ def _print_status(body: JsonObject, console: _Console) -> None:
                                     Text(", ").join(parts) if parts else "none"))
     elif "kernel_kills" in body:
         console.print(Text.assemble("the kernel's own OOM kills: ", _cell(kills)))
+    parts = body.get("bpf")
+    if isinstance(parts, dict):
+        for name, part in parts.items():
+            if isinstance(part, dict):
+                state = "in use" if part.get("in_use") is True else "not in use"
+                console.print(Text.assemble("BPF ", literal(str(name)), ": ", state, ": ",
+                                            _cell(part.get("detail"))))
+            else:
+                console.print(Text.assemble("BPF ", literal(str(name)), ": ", _cell(part)))
+    elif "bpf" in body:
+        console.print(Text.assemble("BPF: ", _cell(parts)))
     for key, value in body.items():
         if key not in _STATUS_KEYS:
             console.print(Text.assemble(literal(str(key)), ": ", _cell(value)))

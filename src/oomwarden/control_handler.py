@@ -190,7 +190,7 @@ class WardenControl:
                 "dry_run": w.dry_run, "config": w.config_path, "watches": watches,
                 "queues": w.queue.sizes(), "queue_limit": w.queue.cap,
                 "last_decisions": list(w.last_decisions),
-                "kernel_kills": dict(w.kernel_kill_counts)}
+                "kernel_kills": dict(w.kernel_kill_counts), "bpf": w.bpf_status()}
 
     def explain(self, request: Explain, peer: Peer) -> JsonObject:
         configured = {x.spec.policy.name: x.spec.policy for x in self.w.watches}

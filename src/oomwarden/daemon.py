@@ -345,12 +345,20 @@ class Warden:
     _control: ControlServer | None = None
     #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable).
     _kmsg: KmsgSource | None = None
+    #: What the BPF parts are doing, for ``status`` (:meth:`bpf_status`):
+    #: name -> {"in_use": bool, "detail": one line}.
+    bpf_parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Lists the paused cgroups for ``oomwarden restore`` (None: none kept).
     state_file: str | None = DEFAULT_STATE_FILE
     _state_written: bool = False
     #: fd -> what it stands for: None (the signal pipe), a watch (its ``oom``
     #: eventfd), or (owner, source).
     _fds: dict[int, Any] = field(default_factory=dict)
+
+    def bpf_status(self) -> dict[str, dict[str, Any]]:
+        """The BPF parts for ``status`` (docs/control.md): each one's name,
+        whether it is in use, and one line saying what it does or why not."""
+        return {name: dict(part) for name, part in self.bpf_parts.items()}
 
     # -- set-up -------------------------------------------------------------------------
 
