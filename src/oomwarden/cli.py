@@ -499,9 +499,9 @@ def _print_status(body: JsonObject, console: _Console) -> None:
                                     Text(", ").join(parts) if parts else "none"))
     elif "kernel_kills" in body:
         console.print(Text.assemble("the kernel's own OOM kills: ", _cell(kills)))
-    parts = body.get("bpf")
-    if isinstance(parts, dict):
-        for name, part in parts.items():
+    bpf = body.get("bpf")
+    if isinstance(bpf, dict):
+        for name, part in bpf.items():
             if isinstance(part, dict):
                 state = "in use" if part.get("in_use") is True else "not in use"
                 console.print(Text.assemble("BPF ", literal(str(name)), ": ", state, ": ",
@@ -509,7 +509,7 @@ def _print_status(body: JsonObject, console: _Console) -> None:
             else:
                 console.print(Text.assemble("BPF ", literal(str(name)), ": ", _cell(part)))
     elif "bpf" in body:
-        console.print(Text.assemble("BPF: ", _cell(parts)))
+        console.print(Text.assemble("BPF: ", _cell(bpf)))
     for key, value in body.items():
         if key not in _STATUS_KEYS:
             console.print(Text.assemble(literal(str(key)), ": ", _cell(value)))
