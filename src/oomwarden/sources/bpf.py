@@ -199,6 +199,25 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
+def libbpf_function(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """One more libbpf.so.1 function, typed (for the other BPF parts: the
+    observer, struct_ops detection); :class:`BpfError` where the library or
+    the function is missing."""
+    lib = _libbpf()
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:
+        raise BpfError(f"libbpf.so.1 lacks {name} (too old a libbpf?)") from None
+    fn.argtypes = argtypes
+    fn.restype = restype
+    return fn
+
+
+def libbpf_last_message() -> str | None:
+    """libbpf's last warning line (captured by the print callback), if any."""
+    return _libbpf_messages[-1] if _libbpf_messages else None
+
+
 def _on_libbpf_print(level: int, fmt: bytes | None, args: int | None) -> int:
     """libbpf's print callback: keep warnings (for the reason), print nothing."""
     if level != 0 or fmt is None:
