@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oomwarden.errors import BpfError
-from oomwarden.model import Task
+from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Task
 from oomwarden.policy.engine import kernel_decision, system_domain
 from oomwarden.policy.kernel import badness_points
+from oomwarden.sandbox import MemcgFactory
 from oomwarden.sources import bpf
 from oomwarden.sources.procfs import ReadOptions
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot, choose_source
@@ -130,6 +132,154 @@ def test_garbage_behind_a_good_magic_raises_only_bpf_error(bodies: list[bytes]) 
     bpf.records_to_tasks(recs, psize=4096, clk_tck=100, proc_root="/nonexistent")
 
 
+# -- the task cache and the subtree filter, on crafted bytes ---------------------------
+
+_V1 = Hierarchy(HierarchyKind.V1, "/nonexistent/memory", "/", ("memory",), True)
+_V2 = Hierarchy(HierarchyKind.V2, "/nonexistent/unified", "/", (), True)
+#: Walked cgroups: v1 ids 7 (/a) and 8 (/a/b), v2 id 1 (/). Id 99 is unknown
+#: (a cgroup made after the walk), and /nonexistent has no /proc to ask.
+_WALKED = [
+    Cgroup(HierarchyKind.V1, "/a", "/nonexistent/memory/a", 7, True, True),
+    Cgroup(HierarchyKind.V1, "/a/b", "/nonexistent/memory/a/b", 8, True, True),
+    Cgroup(HierarchyKind.V2, "/", "/nonexistent/unified", 1, True, True),
+]
+
+
+def _resolver() -> bpf.CgroupResolver:
+    return bpf.CgroupResolver(_WALKED, (_V1, _V2), "/nonexistent")
+
+
+#: A process as records: a plain leader, a kernel thread, a zombie leader
+#: with a thread still holding the mm, a zombie alone, an exiting leader
+#: without a signal struct.
+_KINDS = st.sampled_from(["plain", "kthread", "zombie+thread", "zombie", "nosignal"])
+
+
+def _process(pid: int, kind: str, memcg: int, anon: int, adj: int) -> bytes:
+    if kind == "kthread":
+        return _record(pid=pid, tgid=pid, memcg=memcg, flags=bpf.PF_KTHREAD,
+                       rflags=bpf.LEADER | bpf.HAS_SIGNAL, adj=adj)
+    if kind == "zombie+thread":
+        return (_record(pid=pid, tgid=pid, memcg=memcg, state=0, exit_state=0x20, adj=adj,
+                        rflags=bpf.LEADER | bpf.HAS_SIGNAL)
+                + _record(pid=pid + 1, tgid=pid, memcg=memcg, anon=anon,
+                          rflags=bpf.HAS_MM | bpf.HAS_SIGNAL))
+    if kind == "zombie":
+        return _record(pid=pid, tgid=pid, memcg=memcg, state=0, exit_state=0x20,
+                       rflags=bpf.LEADER | bpf.HAS_SIGNAL, adj=adj)
+    if kind == "nosignal":
+        return _record(pid=pid, tgid=pid, memcg=memcg, anon=anon, rflags=bpf.LEADER | bpf.HAS_MM)
+    return _record(pid=pid, tgid=pid, memcg=memcg, anon=anon, adj=adj)
+
+
+_PROCESSES = st.lists(
+    st.tuples(_KINDS, st.sampled_from([7, 8, 99]), st.integers(-3, 1 << 20),
+              st.integers(-1000, 1000)),
+    max_size=12,
+)
+
+
+def _data(procs: list[tuple[str, int, int, int]]) -> bytes:
+    return b"".join(_process(100 + 10 * i, *p) for i, p in enumerate(procs))
+
+
+def _reference(data: bytes, keep: bpf.Keep | None = None) -> list[Task]:
+    tasks = bpf.records_to_tasks(bpf.decode_records(data), psize=4096, clk_tck=100,
+                                 resolver=_resolver())
+    return [t for t in tasks if keep is None or keep((t.memcg_v1, t.cgroup_v2))]
+
+
+def _in_a(paths: tuple[str | None, str | None]) -> bool:
+    return paths[0] in {"/a", "/a/b"}
+
+
+def _only_b(paths: tuple[str | None, str | None]) -> bool:
+    return paths[0] == "/a/b"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_PROCESSES, _PROCESSES, st.sampled_from([None, _in_a, _only_b]))
+def test_task_cache_gives_what_the_decoder_gives(
+    first: list[tuple[str, int, int, int]],
+    second: list[tuple[str, int, int, int]],
+    keep: bpf.Keep | None,
+) -> None:
+    """Cold, then warm on a second pass that shares some processes and
+    changes others: always exactly the reference decoding (filtered)."""
+    cache = bpf.TaskCache()
+    one = _data(first)
+    # The second pass: the first's processes, some changed, then new ones.
+    two = _data(first[: len(first) // 2] + second)
+    for data in (one, two, two, one):
+        got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=keep)
+        assert got == _reference(data, keep)
+    # The last pass repeated the first: every leader record that may be kept was.
+    assert cache.last_records == len(one) // bpf.RECORD_SIZE
+
+
+def test_task_cache_reuses_unchanged_tasks_and_never_a_stand_in() -> None:
+    cache = bpf.TaskCache()
+    data = _data([("plain", 7, 5, 0), ("kthread", 7, 0, 0), ("zombie+thread", 8, 9, 0),
+                  ("plain", 99, 3, 0)])
+    first = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver())
+    assert cache.last_hits == 0 and cache.last_records == 5
+    second = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver())
+    # Reused: the plain leader and the kthread. Not: the zombie and its thread
+    # (the leader takes the thread's counters), nor the task whose cgroup the
+    # walk did not see.
+    assert cache.last_hits == 2
+    assert second == first
+    assert second[0] is first[0] and second[1] is first[1]
+    # Another page size is another cache.
+    cache.tasks(data, psize=16384, clk_tck=100, resolver=_resolver())
+    assert cache.last_hits == 0
+
+
+def test_task_cache_outside_verdict_is_kept_and_a_changed_walk_starts_afresh() -> None:
+    cache = bpf.TaskCache()
+    data = _data([("plain", 7, 5, 0), ("plain", 8, 6, 0)])
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b)
+    assert [t.memcg_v1 for t in got] == ["/a/b"]
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b)
+    assert [t.memcg_v1 for t in got] == ["/a/b"] and cache.last_hits == 2
+    # /a/b renamed to /a/c: the walk differs, nothing is reused.
+    renamed = [_WALKED[0], replace(_WALKED[1], path="/a/c"), _WALKED[2]]
+    resolver = bpf.CgroupResolver(renamed, (_V1, _V2), "/nonexistent")
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=resolver)
+    assert cache.last_hits == 0 and [t.memcg_v1 for t in got] == ["/a", "/a/c"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3 * bpf.RECORD_SIZE + 5))
+def test_task_cache_on_garbage_raises_only_bpf_error(data: bytes) -> None:
+    cache = bpf.TaskCache()
+    for _ in range(2):
+        try:
+            cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver())
+        except BpfError:
+            return
+
+
+def test_resolver_asks_proc_once_per_unseen_cgroup(tmp_path: Path) -> None:
+    """Tasks in a cgroup the walk did not see: one /proc/PID/cgroup read for
+    the first, kept for the others only because the directory has that inode."""
+    mount = tmp_path / "memory"
+    (mount / "new").mkdir(parents=True)
+    ino = os.stat(mount / "new").st_ino
+    proc = tmp_path / "proc"
+    for pid in (10, 11, 12):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cgroup").write_text("4:memory:/new\n0::/\n")
+    h1 = Hierarchy(HierarchyKind.V1, str(mount), "/", ("memory",), True)
+    resolver = bpf.CgroupResolver([], (h1,), str(proc))
+    assert [resolver.paths(pid, ino, 1) for pid in (10, 11, 12)] == [("/new", None)] * 3
+    assert resolver.proc_reads == 1
+    # An id whose directory does not have it (the task moved): asked each time.
+    other = bpf.CgroupResolver([], (h1,), str(proc))
+    assert [other.paths(pid, ino + 12345, 1) for pid in (10, 11)] == [("/new", None)] * 2
+    assert other.proc_reads == 2
+
+
 # -- the real kernel ---------------------------------------------------------------
 
 
@@ -197,6 +347,15 @@ def test_parity_with_procfs(iterator: bpf.TaskIterator) -> None:
     if dp.victim is not None and dp.victim.task.identity in keep:
         assert df.victim is not None
         assert df.victim.task.identity == dp.victim.task.identity
+    # Each cgroup's members: BPF takes them from the tasks' ids, procfs from
+    # cgroup.procs; the same for every process that lived through the reads.
+    alive = {i[0] for i in lived}
+    members_p = {(c.kind, c.path): set(c.pids) & alive for c in before.cgroups}
+    members_f = {(c.kind, c.path): set(c.pids) & alive for c in fast.cgroups}
+    for key, pids in members_p.items():
+        if key in members_f:
+            assert members_f[key] == pids, key
+    assert sum(len(p) for p in members_f.values()) >= len(alive)
 
 
 @pytest.mark.kernel
@@ -235,6 +394,34 @@ def test_parity_with_our_own_children(iterator: bpf.TaskIterator, tmp_path: Path
         for c in children:
             c.kill()
             c.wait()
+
+
+@pytest.mark.kernel
+def test_subtree_snapshot_matches_procfs(
+    iterator: bpf.TaskIterator, memcg_factory: MemcgFactory
+) -> None:
+    """``only=`` a child memcg: the same processes and members from both
+    backends, cold and warm (the second BPF pass reuses cached tasks)."""
+    child = memcg_factory.create(128 << 20)
+    hogs = [child.start_hog(mib) for mib in (2, 4, 8)]
+    want = {h.pid for h in hogs}
+    only = ("v1", child.hierarchy_path)
+    bpf.load().cache.clear()
+    proc = build_snapshot(SourceConfig(source="procfs", only=only))
+    cold = build_snapshot(SourceConfig(source="bpf", only=only))
+    warm = build_snapshot(SourceConfig(source="bpf", only=only))
+    assert bpf.load().cache.last_hits >= len(want)
+    for snap in (proc, cold, warm):
+        assert {t.pid for t in snap.tasks} == want
+        (cg,) = [c for c in snap.cgroups if c.path == child.hierarchy_path]
+        assert set(cg.pids) == want
+    total = proc.system.totalpages
+    for pid in want:
+        p, c, w = proc.task(pid), cold.task(pid), warm.task(pid)
+        assert p is not None and c is not None and w is not None
+        assert p.identity == c.identity == w.identity
+        assert p.memcg_v1 == c.memcg_v1 == w.memcg_v1 == child.hierarchy_path
+        assert _points(p, total) == _points(c, total) == _points(w, total)
 
 
 @pytest.mark.kernel

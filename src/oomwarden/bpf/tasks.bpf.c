@@ -68,9 +68,16 @@ static __always_inline __u64 cgrp_ino(struct cgroup *cgrp)
 {
 	if (!cgrp)
 		return 0;
-	return BPF_CORE_READ(cgrp, kn, id);
+	return cgrp->kn->id;
 }
 
+/*
+ * ctx->task is a trusted BTF pointer: the fields below are read with plain
+ * loads (the verifier turns each into a fault-safe PROBE_MEM load, a NULL
+ * read as 0) instead of one bpf_probe_read_kernel() call per field, which
+ * halves the cost of a pass. CO-RE still relocates every offset (vmlinux.h
+ * marks its types preserve_access_index).
+ */
 SEC("iter/task")
 int dump_task(struct bpf_iter__task *ctx)
 {
@@ -85,56 +92,55 @@ int dump_task(struct bpf_iter__task *ctx)
 
 	if (!task)
 		return 0;
-	leader = BPF_CORE_READ(task, group_leader);
-	mm = BPF_CORE_READ(task, mm);
+	leader = task->group_leader;
+	mm = task->mm;
 	if (leader != task) {
 		/* A thread stands in for its leader only when the leader has no mm
 		 * any more and this thread still has one (find_lock_task_mm()). */
-		if (!mm || BPF_CORE_READ(leader, mm))
+		if (!mm || leader->mm)
 			return 0;
-		if (BPF_CORE_READ(task, flags) & OW_PF_KTHREAD)
+		if (task->flags & OW_PF_KTHREAD)
 			return 0;
 	} else {
 		rec.rec_flags |= OW_LEADER;
 	}
 
 	rec.magic = OW_MAGIC;
-	rec.pid = BPF_CORE_READ(task, pid);
-	rec.tgid = BPF_CORE_READ(task, tgid);
-	parent = BPF_CORE_READ(task, real_parent);
-	rec.ppid = parent ? BPF_CORE_READ(parent, tgid) : 0;
-	rec.start_boottime = BPF_CORE_READ(leader, start_boottime);
-	rec.uid = BPF_CORE_READ(task, cred, uid.val);
-	rec.state = BPF_CORE_READ(task, __state);
-	rec.exit_state = BPF_CORE_READ(task, exit_state);
-	rec.flags = BPF_CORE_READ(task, flags);
-	BPF_CORE_READ_STR_INTO(&rec.comm, leader, comm);
+	rec.pid = task->pid;
+	rec.tgid = task->tgid;
+	parent = task->real_parent;
+	rec.ppid = parent ? parent->tgid : 0;
+	rec.start_boottime = leader->start_boottime;
+	rec.uid = task->cred->uid.val;
+	rec.state = task->__state;
+	rec.exit_state = task->exit_state;
+	rec.flags = task->flags;
+	bpf_probe_read_kernel_str(&rec.comm, sizeof(rec.comm), leader->comm);
 
-	if (BPF_CORE_READ(task, signal)) {
-		rec.oom_score_adj = BPF_CORE_READ(task, signal, oom_score_adj);
+	if (task->signal) {
+		rec.oom_score_adj = task->signal->oom_score_adj;
 		rec.rec_flags |= OW_HAS_SIGNAL;
 	}
 
-	cset = BPF_CORE_READ(task, cgroups);
+	cset = task->cgroups;
 	if (cset) {
 		mem_id = bpf_core_enum_value(enum cgroup_subsys_id, memory_cgrp_id);
 		if (mem_id >= 0 && mem_id < 16) {
-			css = BPF_CORE_READ(cset, subsys[mem_id]);
+			css = cset->subsys[mem_id];
 			if (css)
-				rec.memcg_ino = cgrp_ino(BPF_CORE_READ(css, cgroup));
+				rec.memcg_ino = cgrp_ino(css->cgroup);
 		}
-		rec.dfl_ino = cgrp_ino(BPF_CORE_READ(cset, dfl_cgrp));
+		rec.dfl_ino = cgrp_ino(cset->dfl_cgrp);
 	}
 
 	if (mm) {
 		rec.rec_flags |= OW_HAS_MM;
-		rec.rss_file = BPF_CORE_READ(mm, rss_stat[MM_FILEPAGES].count);
-		rec.rss_anon = BPF_CORE_READ(mm, rss_stat[MM_ANONPAGES].count);
-		rec.rss_shmem = BPF_CORE_READ(mm, rss_stat[MM_SHMEMPAGES].count);
-		rec.swapents = BPF_CORE_READ(mm, rss_stat[MM_SWAPENTS].count);
-		rec.pgtables_bytes = BPF_CORE_READ(mm, pgtables_bytes.counter);
-		if (BPF_CORE_READ(task, vfork_done) && parent &&
-		    BPF_CORE_READ(parent, mm) == mm)
+		rec.rss_file = mm->rss_stat[MM_FILEPAGES].count;
+		rec.rss_anon = mm->rss_stat[MM_ANONPAGES].count;
+		rec.rss_shmem = mm->rss_stat[MM_SHMEMPAGES].count;
+		rec.swapents = mm->rss_stat[MM_SWAPENTS].count;
+		rec.pgtables_bytes = mm->pgtables_bytes.counter;
+		if (task->vfork_done && parent && parent->mm == mm)
 			rec.rec_flags |= OW_IN_VFORK;
 	}
 

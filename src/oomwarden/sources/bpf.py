@@ -35,7 +35,7 @@ import ctypes
 import errno
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -123,37 +123,91 @@ class Record:
         return bool(self.rec_flags & HAS_MM)
 
 
-def decode_records(data: bytes) -> list[Record]:
-    """Decode what the iterator fd gave; anything else than whole, sane
-    records raises :class:`BpfError` (and nothing else)."""
+def _check_size(data: bytes) -> None:
     if len(data) % RECORD_SIZE:
         raise BpfError(
             f"BPF task records: {len(data)} bytes is not a multiple of the "
             f"record size {RECORD_SIZE} (an object built for another layout?)"
         )
+
+
+#: A record as RECORD unpacks it.
+RawRecord = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int, int,
+                  int, int, int, bytes, int]
+
+
+def _check_record(i: int, f: RawRecord) -> None:
+    """Record ``i``'s sanity, or :class:`BpfError` naming what is wrong."""
+    magic, pid, tgid, ppid, pte, adj, rflags = f[0], f[1], f[2], f[3], f[11], f[16], f[17]
+    if magic != MAGIC:
+        raise BpfError(f"BPF task record {i}: bad magic {magic:#x} (expected {MAGIC:#x})")
+    if not (0 <= pid <= PID_MAX_LIMIT and 0 < tgid <= PID_MAX_LIMIT
+            and 0 <= ppid <= PID_MAX_LIMIT):
+        raise BpfError(f"BPF task record {i}: pid {pid}, tgid {tgid}, ppid {ppid} "
+                       f"out of range (0..{PID_MAX_LIMIT})")
+    if rflags & LEADER and pid != tgid:
+        raise BpfError(f"BPF task record {i}: a leader with pid {pid} != tgid {tgid}")
+    if not -1000 <= adj <= 1000:
+        raise BpfError(f"BPF task record {i}: oom_score_adj {adj} outside -1000..1000")
+    if pte < 0:
+        raise BpfError(f"BPF task record {i}: negative page-table bytes {pte}")
+
+
+_state_chars: dict[tuple[int, int], str] = {}
+
+
+def _state(state: int, exit_state: int) -> str:
+    """:func:`state_char`, remembered (a few distinct values per system)."""
+    key = (state, exit_state)
+    got = _state_chars.get(key)
+    if got is None:
+        got = state_char(state, exit_state)
+        if len(_state_chars) < 256:
+            _state_chars[key] = got
+    return got
+
+
+def decode_records(data: bytes) -> list[Record]:
+    """Decode what the iterator fd gave; anything else than whole, sane
+    records raises :class:`BpfError` (and nothing else)."""
+    _check_size(data)
     out: list[Record] = []
-    for i, (magic, pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte,
-            uid, state, exit_state, flags, adj, rflags, comm, _pad) in enumerate(
-                RECORD.iter_unpack(data)):
-        if magic != MAGIC:
-            raise BpfError(f"BPF task record {i}: bad magic {magic:#x} (expected {MAGIC:#x})")
-        if not (0 <= pid <= PID_MAX_LIMIT and 0 < tgid <= PID_MAX_LIMIT
-                and 0 <= ppid <= PID_MAX_LIMIT):
-            raise BpfError(f"BPF task record {i}: pid {pid}, tgid {tgid}, ppid {ppid} "
-                           f"out of range (0..{PID_MAX_LIMIT})")
-        if rflags & LEADER and pid != tgid:
-            raise BpfError(f"BPF task record {i}: a leader with pid {pid} != tgid {tgid}")
-        if not -1000 <= adj <= 1000:
-            raise BpfError(f"BPF task record {i}: oom_score_adj {adj} outside -1000..1000")
-        if pte < 0:
-            raise BpfError(f"BPF task record {i}: negative page-table bytes {pte}")
-        name = comm.split(b"\0", 1)[0]
+    for i, f in enumerate(RECORD.iter_unpack(data)):
+        _check_record(i, f)
+        (_magic, pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte,
+         uid, state, exit_state, flags, adj, rflags, comm, _pad) = f
         out.append(Record(
             pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte, uid,
-            state_char(state, exit_state), flags,
-            adj if rflags & HAS_SIGNAL else None, rflags, name,
+            _state(state, exit_state), flags,
+            adj if rflags & HAS_SIGNAL else None, rflags, comm.split(b"\0", 1)[0],
         ))
     return out
+
+
+def _make_task(
+    pid: int, tgid: int, ppid: int, *, comm: bytes, state: str, start_ns: int, uid: int,
+    flags: int, adj: int | None, mm_flags: int, rss_file: int, rss_anon: int,
+    rss_shmem: int, swapents: int, pgtables_bytes: int, paths: tuple[str | None, str | None],
+    psize: int, tick_ns: int,
+) -> Task:
+    """A record's Task; ``mm_flags`` and the counters are those of the record
+    whose mm stands for the process (the leader's, or a thread's)."""
+    kthread = bool(flags & PF_KTHREAD)
+    has_mm = bool(mm_flags & HAS_MM) and not kthread
+    anon = file = shmem = swap = pte = oom_rss = None
+    if has_mm:
+        # get_mm_counter() is percpu_counter_read_positive(): clamp at 0.
+        file = max(rss_file, 0)
+        anon = max(rss_anon, 0)
+        shmem = max(rss_shmem, 0)
+        swap = max(swapents, 0)
+        pte = pgtables_bytes // psize
+        oom_rss = file + anon + shmem
+    return Task(
+        pid, tgid, ppid, comm.decode("utf-8", "backslashreplace"), state, start_ns // tick_ns,
+        uid, kthread, has_mm, anon, file, shmem, swap, pte, adj, paths[0], paths[1],
+        None, None, None, psize, oom_rss, pid == 1, bool(mm_flags & IN_VFORK) and has_mm,
+    )
 
 
 # -- libbpf through ctypes ------------------------------------------------------
@@ -257,6 +311,8 @@ class TaskIterator:
         self._obj: int | None = None
         self._link: int | None = None
         self._link_fd = -1
+        #: The tasks of the last passes, by record (read_tasks_bpf).
+        self.cache = TaskCache()
         if not os.path.isfile(object_path):
             raise BpfError(f"no BPF object at {object_path} (build it with `make bpf`)")
         lib = _libbpf()
@@ -362,14 +418,87 @@ def clock_ticks_per_second() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def _ino_maps(
-    cgroups: Sequence[Cgroup],
-) -> tuple[dict[int, str], dict[int, str]]:
-    v1: dict[int, str] = {}
-    v2: dict[int, str] = {}
-    for cg in cgroups:
-        (v1 if cg.kind is HierarchyKind.V1 else v2)[cg.inode] = cg.path
-    return v1, v2
+class CgroupResolver:
+    """kernfs ids (the records' ``memcg_ino``/``dfl_ino``) to cgroup paths.
+
+    The walked ``cgroups`` give most. An id the walk did not see (a cgroup
+    made after it, or one outside an ``only=`` subtree) is looked up in the
+    ``/proc/PID/cgroup`` of a task in it; the answer is kept for the other
+    tasks of that id only when the path's directory in the mounted hierarchy
+    has that inode (the task may have moved since the pass), so there is one
+    /proc read per unseen cgroup, not one per task in it.
+    """
+
+    def __init__(
+        self,
+        cgroups: Sequence[Cgroup] = (),
+        hierarchies: Sequence[Hierarchy] = (),
+        proc_root: str = "/proc",
+    ) -> None:
+        self.proc_root = proc_root
+        self.v1_mounted = any(h.kind is HierarchyKind.V1 for h in hierarchies)
+        self.v2_mounted = any(h.kind is HierarchyKind.V2 for h in hierarchies)
+        self.walked_v1: dict[int, str] = {}
+        self.walked_v2: dict[int, str] = {}
+        for cg in cgroups:
+            (self.walked_v1 if cg.kind is HierarchyKind.V1 else self.walked_v2)[cg.inode] = (
+                cg.path)
+        self._mounts = {
+            h.kind: h for h in hierarchies
+            if h.kind is HierarchyKind.V2 or h.has_memory
+        }
+        self._learned: dict[tuple[HierarchyKind, int], str] = {}
+        #: /proc/PID/cgroup reads done (for tests and the benchmark).
+        self.proc_reads = 0
+
+    def fingerprint(self) -> tuple[object, ...]:
+        """What the walked maps and mounts are: tasks resolved from them may
+        be reused while this is unchanged."""
+        return (self.proc_root, self.v1_mounted, self.v2_mounted,
+                frozenset(self.walked_v1.items()), frozenset(self.walked_v2.items()))
+
+    def walked(self, memcg_ino: int, dfl_ino: int) -> bool:
+        """Both paths come from the walk alone."""
+        return ((not self.v1_mounted or memcg_ino in self.walked_v1)
+                and (not self.v2_mounted or dfl_ino in self.walked_v2))
+
+    def paths(self, pid: int, memcg_ino: int, dfl_ino: int) -> tuple[str | None, str | None]:
+        """(v1 memory cgroup path, v2 cgroup path); None where not mounted or unknown."""
+        v1 = v2 = None
+        if self.v1_mounted:
+            v1 = self.walked_v1.get(memcg_ino) or self._learned.get(
+                (HierarchyKind.V1, memcg_ino))
+        if self.v2_mounted:
+            v2 = self.walked_v2.get(dfl_ino) or self._learned.get((HierarchyKind.V2, dfl_ino))
+        if (self.v1_mounted and v1 is None) or (self.v2_mounted and v2 is None):
+            data = _cgroup_file(self.proc_root, pid)
+            self.proc_reads += 1
+            if data is not None:
+                try:
+                    f1, f2 = parse_proc_cgroup(data)
+                except ParseError:
+                    f1 = f2 = None
+                if self.v1_mounted and v1 is None:
+                    v1 = f1
+                    self._learn(HierarchyKind.V1, memcg_ino, f1)
+                if self.v2_mounted and v2 is None:
+                    v2 = f2
+                    self._learn(HierarchyKind.V2, dfl_ino, f2)
+        return v1, v2
+
+    def _learn(self, kind: HierarchyKind, ino: int, path: str | None) -> None:
+        h = self._mounts.get(kind)
+        if path is None or h is None or not ino:
+            return
+        root = h.root.rstrip("/")
+        if path != h.root and not path.startswith(root + "/"):
+            return  # outside what is mounted here: cannot be checked
+        fs_path = h.mount_point.rstrip("/") + path[len(root):]
+        try:
+            if os.stat(fs_path).st_ino == ino:
+                self._learned[(kind, ino)] = path
+        except OSError:
+            pass
 
 
 def _cgroup_file(proc_root: str, pid: int) -> bytes | None:
@@ -388,17 +517,16 @@ def records_to_tasks(
     cgroups: Sequence[Cgroup] = (),
     hierarchies: Sequence[Hierarchy] = (),
     proc_root: str = "/proc",
+    resolver: CgroupResolver | None = None,
 ) -> list[Task]:
     """The :class:`Task` of every process, in iteration (creation) order.
 
     A leader without an mm takes the counters of a thread of its group that
     still has one (the kernel's ``find_lock_task_mm()``). Cgroup paths come
-    from the inode ids of the walked ``cgroups``; a task in a cgroup made
-    after the walk is looked up in its own ``/proc/PID/cgroup``.
+    from ``resolver`` (by default one over the walked ``cgroups``).
     """
-    v1_mounted = any(h.kind is HierarchyKind.V1 for h in hierarchies)
-    v2_mounted = any(h.kind is HierarchyKind.V2 for h in hierarchies)
-    v1_map, v2_map = _ino_maps(cgroups)
+    if resolver is None:
+        resolver = CgroupResolver(cgroups, hierarchies, proc_root)
     tick_ns = 1_000_000_000 // clk_tck
     leaders: list[Record] = []
     stand_in: dict[int, Record] = {}
@@ -412,57 +540,135 @@ def records_to_tasks(
         mm = r
         if not r.has_mm and r.tgid in stand_in:
             mm = stand_in[r.tgid]
-        kthread = bool(r.flags & PF_KTHREAD)
-        has_mm = mm.has_mm and not kthread
-        anon = file = shmem = swap = pte = oom_rss = None
-        if has_mm:
-            # get_mm_counter() is percpu_counter_read_positive(): clamp at 0.
-            file = max(mm.rss_file, 0)
-            anon = max(mm.rss_anon, 0)
-            shmem = max(mm.rss_shmem, 0)
-            swap = max(mm.swapents, 0)
-            pte = mm.pgtables_bytes // psize
-            oom_rss = file + anon + shmem
-        memcg_v1 = v1_map.get(r.memcg_ino) if v1_mounted else None
-        cgroup_v2 = v2_map.get(r.dfl_ino) if v2_mounted else None
-        if (v1_mounted and memcg_v1 is None) or (v2_mounted and cgroup_v2 is None):
-            data = _cgroup_file(proc_root, r.pid)
-            if data is not None:
-                try:
-                    f1, f2 = parse_proc_cgroup(data)
-                except ParseError:
-                    f1 = f2 = None
-                if v1_mounted and memcg_v1 is None:
-                    memcg_v1 = f1
-                if v2_mounted and cgroup_v2 is None:
-                    cgroup_v2 = f2
-        tasks.append(Task(
-            r.pid,
-            r.tgid,
-            r.ppid,
-            r.comm.decode("utf-8", "backslashreplace"),
-            r.state,
-            r.start_boottime_ns // tick_ns,
-            r.uid,
-            kthread,
-            has_mm,
-            anon,
-            file,
-            shmem,
-            swap,
-            pte,
-            r.oom_score_adj,
-            memcg_v1,
-            cgroup_v2,
-            None,
-            None,
-            None,
-            psize,
-            oom_rss,
-            r.pid == 1,
-            bool(mm.rec_flags & IN_VFORK) and has_mm,
+        tasks.append(_make_task(
+            r.pid, r.tgid, r.ppid, comm=r.comm, state=r.state, start_ns=r.start_boottime_ns,
+            uid=r.uid, flags=r.flags, adj=r.oom_score_adj, mm_flags=mm.rec_flags,
+            rss_file=mm.rss_file, rss_anon=mm.rss_anon, rss_shmem=mm.rss_shmem,
+            swapents=mm.swapents, pgtables_bytes=mm.pgtables_bytes,
+            paths=resolver.paths(r.pid, r.memcg_ino, r.dfl_ino), psize=psize, tick_ns=tick_ns,
         ))
     return tasks
+
+
+#: Which tasks a pass keeps, by their (v1 memory cgroup, v2 cgroup) paths.
+Keep = Callable[[tuple[str | None, str | None]], bool]
+#: How many fingerprints' tasks a TaskCache keeps.
+_CACHES_KEPT = 4
+#: A cached verdict: the record's task is outside the ``keep`` subtree.
+_OUTSIDE = object()
+
+
+class TaskCache:
+    """The tasks of the last passes by their record's bytes.
+
+    A record holds everything a :class:`Task` is made of except the cgroup
+    paths and two constants (page size, clock ticks), so while those stay
+    the same (:meth:`CgroupResolver.fingerprint`), a record seen before byte
+    for byte makes the same, immutable, Task: most processes do not change
+    between two snapshots, and their decoding is skipped. Kept: leaders with
+    their own mm, and kernel threads (a leader without an mm may take a
+    thread's counters), whose paths came from the walk; for an ``only=``
+    subtree, also the verdict "outside" (a cgroup cannot be moved to another
+    parent, so its tasks cannot enter the subtree without a change the walk
+    sees). Each pass keeps only what it saw; at most four fingerprints are
+    kept (a whole-system snapshot and a few subtrees).
+    """
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[object, ...], dict[bytes, object]] = {}
+        #: The last pass: records given, and how many came from the cache.
+        self.last_records = 0
+        self.last_hits = 0
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+    def tasks(
+        self,
+        data: bytes,
+        *,
+        psize: int,
+        clk_tck: int,
+        resolver: CgroupResolver,
+        keep: Keep | None = None,
+    ) -> list[Task]:
+        """``records_to_tasks(decode_records(data), ...)``, only the tasks
+        whose (v1 memory cgroup, v2 cgroup) paths ``keep`` accepts, reusing
+        the tasks of records seen before."""
+        if len(data) % RECORD_SIZE:
+            decode_records(data)  # raises the decoder's own error
+        key = (psize, clk_tck, *resolver.fingerprint())
+        old = self._by_key.pop(key, None) or {}
+        chunks = [data[off:off + RECORD_SIZE] for off in range(0, len(data), RECORD_SIZE)]
+        got: list[object] = list(map(old.get, chunks))
+        missed_at = [i for i, g in enumerate(got) if g is None]
+        self.last_records = len(chunks)
+        self.last_hits = len(chunks) - len(missed_at)
+        if not missed_at:
+            new: dict[bytes, object] = dict(zip(chunks, got, strict=True))
+        else:
+            new = {c: g for c, g in zip(chunks, got, strict=True) if g is not None}
+            missed = [chunks[i] for i in missed_at]
+            made: list[Task | None] = [None] * len(missed)
+            self._decode_missed(missed, made, new=new, psize=psize, clk_tck=clk_tck,
+                                resolver=resolver, keep=keep)
+            for i, task in zip(missed_at, made, strict=True):
+                got[i] = task
+        self._by_key[key] = new
+        while len(self._by_key) > _CACHES_KEPT:
+            del self._by_key[next(iter(self._by_key))]
+        return [g for g in got if isinstance(g, Task)]
+
+    @staticmethod
+    def _decode_missed(
+        missed: list[bytes],
+        made: list[Task | None],
+        *,
+        new: dict[bytes, object],
+        psize: int,
+        clk_tck: int,
+        resolver: CgroupResolver,
+        keep: Keep | None,
+    ) -> None:
+        """Decode the records not in the cache into ``made`` (None: no task
+        of its own, or outside ``keep``) and remember what may be reused in
+        ``new``. A leader with its own mm or a kernel thread (nearly all) is
+        made here in one pass; a thread, or a leader without an mm (which
+        may take a thread's counters), goes through :func:`records_to_tasks`."""
+        tick_ns = 1_000_000_000 // clk_tck
+        other: list[int] = []
+        for i, f in enumerate(RECORD.iter_unpack(b"".join(missed))):
+            _check_record(i, f)
+            (_magic, pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte,
+             uid, state, exit_state, flags, adj, rflags, comm, _pad) = f
+            if not rflags & LEADER:
+                other.append(i)  # a thread standing in for its leader's mm
+                continue
+            paths = resolver.paths(pid, memcg, dfl)
+            if keep is not None and not keep(paths):
+                # Outside the subtree: decided from the ids alone, no task made.
+                new[missed[i]] = _OUTSIDE
+                continue
+            if not (rflags & HAS_MM or flags & PF_KTHREAD):
+                other.append(i)  # may take a thread's counters
+                continue
+            task = _make_task(
+                pid, tgid, ppid, comm=comm.split(b"\0", 1)[0], state=_state(state, exit_state),
+                start_ns=start, uid=uid, flags=flags,
+                adj=adj if rflags & HAS_SIGNAL else None, mm_flags=rflags,
+                rss_file=rfile, rss_anon=ranon, rss_shmem=rshmem, swapents=swap,
+                pgtables_bytes=pte, paths=paths, psize=psize, tick_ns=tick_ns,
+            )
+            made[i] = task
+            if resolver.walked(memcg, dfl):
+                new[missed[i]] = task
+        if not other:
+            return
+        records = decode_records(b"".join(missed[i] for i in other))
+        leaders = [i for i, r in zip(other, records, strict=True) if r.leader]
+        fresh = records_to_tasks(records, psize=psize, clk_tck=clk_tck, resolver=resolver)
+        for i, task in zip(leaders, fresh, strict=True):
+            made[i] = task if keep is None or keep((task.memcg_v1, task.cgroup_v2)) else None
 
 
 def _kernel_oom_score(proc_root: str, task: Task) -> int | None:
@@ -490,29 +696,40 @@ def read_tasks_bpf(
     cgroups: Sequence[Cgroup] = (),
     hierarchies: Sequence[Hierarchy] = (),
     stats: ReadStats | None = None,
+    only: HierarchyKind | None = None,
 ) -> list[Task]:
     """Every process, from one pass of ``iterator``; the kernel's oom_score,
-    exe and cmdline read from ``proc_root`` only when ``options`` ask."""
+    exe and cmdline read from ``proc_root`` only when ``options`` ask.
+
+    ``only``: ``cgroups`` is one subtree of that hierarchy (``SourceConfig.only``),
+    and only the processes in its cgroups are returned. Tasks are reused from
+    the iterator's :class:`TaskCache` where their records did not change."""
     check_proc_root(proc_root)
+    resolver = CgroupResolver(cgroups, hierarchies, proc_root)
+    keep: Keep | None = None
+    if only is not None:
+        inside = {c.path for c in cgroups if c.kind is only}
+        index = 0 if only is HierarchyKind.V1 else 1
+
+        def keep(paths: tuple[str | None, str | None]) -> bool:
+            return paths[index] in inside
     try:
-        records = decode_records(iterator.read())
+        tasks = iterator.cache.tasks(iterator.read(), psize=psize,
+                                     clk_tck=clock_ticks_per_second(), resolver=resolver,
+                                     keep=keep)
     except BpfError as e:
         if stats is not None and len(stats.problems) < MAX_PROBLEMS:
             stats.problems.append(str(e))
         raise
-    tasks = records_to_tasks(
-        records, psize=psize, clk_tck=clock_ticks_per_second(), cgroups=cgroups,
-        hierarchies=hierarchies, proc_root=proc_root,
-    )
     if not tasks or tasks[0].pid != 1:
         # Measured on Linux 6.18: the task iterator never shows pid 1 (its
         # first task is kthreadd). The global init is never a victim, but a
         # snapshot has every process: read that one from /proc.
-        kinds = {h.kind for h in hierarchies}
-        v1: dict[int, str] | None = {} if HierarchyKind.V1 in kinds else None
-        v2: dict[int, str] | None = {} if HierarchyKind.V2 in kinds else None
-        tasks[:0] = read_tasks(proc_root, psize=psize, options=options, stats=stats,
-                               pids=[1], cgroup_map=CgroupMap(v1=v1, v2=v2))
+        v1: dict[int, str] | None = {} if resolver.v1_mounted else None
+        v2: dict[int, str] | None = {} if resolver.v2_mounted else None
+        init = read_tasks(proc_root, psize=psize, options=options, stats=stats,
+                          pids=[1], cgroup_map=CgroupMap(v1=v1, v2=v2))
+        tasks[:0] = [t for t in init if keep is None or keep((t.memcg_v1, t.cgroup_v2))]
     if options.oom_score:
         tasks = [replace(t, kernel_oom_score=_kernel_oom_score(proc_root, t)) for t in tasks]
     if options.details:

@@ -188,6 +188,7 @@ def read_cgroup(
     psize: int = 4096,
     with_stat: bool = True,
     report: WalkReport | None = None,
+    with_pids: bool = True,
 ) -> Cgroup:
     """Read one cgroup directory. Missing files are None (unknown).
 
@@ -228,7 +229,7 @@ def read_cgroup(
                 use_hierarchy=None if use_hier is None else bool(use_hier),
                 stat=stat,
                 pressure=pressure,
-                pids=_pids(read),
+                pids=_pids(read) if with_pids else (),
             )
         events_data = read("memory.events")
         events: Mapping[str, int] = _informational(
@@ -260,7 +261,7 @@ def read_cgroup(
             has_freeze=os.path.exists(os.path.join(fs_path, "cgroup.freeze")),
             stat=stat,
             pressure=pressure,
-            pids=_pids(read),
+            pids=_pids(read) if with_pids else (),
         )
     except ParseError as e:
         raise ParseError(f"{fs_path}: {e}") from None
@@ -279,6 +280,7 @@ def walk_hierarchy(
     below: str | None = None,
     report: WalkReport | None = None,
     with_stat: bool = True,
+    with_pids: bool = True,
 ) -> list[Cgroup]:
     """Every cgroup of ``hierarchy`` in pre-order (children by inode, i.e. by
     creation), bounded by :data:`MAX_CGROUPS` and :data:`MAX_DEPTH`.
@@ -289,7 +291,9 @@ def walk_hierarchy(
     children are still read), and an odd informational file only empties its
     field; both go to ``report``: one odd file must not cost every decision.
     ``below``, a path inside the hierarchy, limits the walk to that subtree.
-    ``with_stat=False`` leaves out memory.stat (costly on v2 with many cgroups).
+    ``with_stat=False`` leaves out memory.stat (costly on v2 with many cgroups);
+    ``with_pids=False`` leaves out cgroup.procs (``pids`` empty: a source that
+    knows each task's cgroup fills them in).
     """
     out: list[Cgroup] = []
     start_rel = ""
@@ -308,7 +312,8 @@ def walk_hierarchy(
         path = _join(hierarchy.root, rel) if rel else hierarchy.root
         try:
             cg: Cgroup | None = read_cgroup(
-                hierarchy, path, fs_path, psize=psize, with_stat=with_stat, report=report
+                hierarchy, path, fs_path, psize=psize, with_stat=with_stat, report=report,
+                with_pids=with_pids,
             )
             if cg is not None and os.stat(fs_path).st_ino != cg.inode:
                 continue  # removed (and perhaps made again) while we read it

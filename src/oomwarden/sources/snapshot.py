@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from oomwarden.errors import BpfError, SourceError
@@ -107,6 +108,9 @@ def build_snapshot(
     hierarchies: tuple[Hierarchy, ...] = ()
     cgroups: list[Cgroup] = []
     walk = WalkReport()
+    # BPF records carry each task's cgroup ids: the cgroups' member lists
+    # then come from the tasks, and cgroup.procs is not read.
+    use_bpf = choose_source(config).backend == "bpf"
     if config.cgroups:
         hierarchies = find_hierarchies(
             config.proc_root, config.fs_root, verify=config.verify_fs
@@ -117,18 +121,19 @@ def build_snapshot(
             cgroups.extend(walk_hierarchy(
                 h, psize=psize, report=walk, with_stat=config.cgroup_stat,
                 below=None if config.only is None else config.only[1],
+                with_pids=not use_bpf,
             ))
     system = read_system(config.proc_root, psize=psize)
     stats = ReadStats()
     kept = hierarchies if config.only is None else tuple(
         h for h in hierarchies if h.kind.value == config.only[0])
-    if choose_source(config).backend == "bpf":
+    if use_bpf:
         tasks = bpf.read_tasks_bpf(
             bpf.load(config.bpf_object), proc_root=config.proc_root, psize=psize,
             options=config.read, cgroups=cgroups, hierarchies=kept, stats=stats,
+            only=None if config.only is None else HierarchyKind(config.only[0]),
         )
-        if config.only is not None:
-            tasks = _in_subtree(tasks, cgroups, config.only[0])
+        cgroups = with_members(cgroups, tasks)
     else:
         tasks = read_tasks(
             config.proc_root,
@@ -174,9 +179,20 @@ def cgroup_map(
     return CgroupMap(v1=v1, v2=v2)
 
 
-def _in_subtree(tasks: list[Task], cgroups: list[Cgroup], kind: str) -> list[Task]:
-    """The tasks in the walked (``only``) subtree's cgroups."""
-    paths = {c.path for c in cgroups if c.kind.value == kind}
-    if kind == HierarchyKind.V1.value:
-        return [t for t in tasks if t.memcg_v1 in paths]
-    return [t for t in tasks if t.cgroup_v2 in paths]
+def with_members(cgroups: list[Cgroup], tasks: list[Task]) -> list[Cgroup]:
+    """The cgroups with ``pids`` taken from the tasks' paths (sorted), for a
+    source that knows each task's cgroup (BPF) instead of reading
+    cgroup.procs. One difference: cgroup.procs also lists a process one of
+    whose threads (not its leader) is in the cgroup; here a process is where
+    its leader is."""
+    v1: defaultdict[str | None, list[int]] = defaultdict(list)
+    v2: defaultdict[str | None, list[int]] = defaultdict(list)
+    for t in tasks:
+        pid = t.pid
+        v1[t.memcg_v1].append(pid)
+        v2[t.cgroup_v2].append(pid)
+    out: list[Cgroup] = []
+    for cg in cgroups:
+        members = (v1 if cg.kind is HierarchyKind.V1 else v2).get(cg.path, [])
+        out.append(replace(cg, pids=tuple(sorted(members))))
+    return out
