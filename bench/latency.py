@@ -9,10 +9,12 @@ becoming readable). Two modes, each ``--runs`` times, in the same run:
 
 * **kernel**: the kernel's own killer;
 * **warden**: ``oomwarden run`` with the ``kernel`` policy on that cgroup,
-  the kernel's killer paused.
+  the kernel's killer paused. Its snapshots come from the BPF task iterator
+  where it loads (docs/bpf.md); ``OOMWARDEN_BPF_OBJECT=/nonexistent`` in the
+  environment makes it use procfs, for a comparison in the same conditions.
 
 With 10 and with 500 extra (sleeping) processes in the cgroup. Prints p50 and
-p95 of each and the warden/kernel ratio; then the warden's idle CPU time over
+p95 of each and the warden/kernel p50 ratios; then the warden's idle CPU time over
 ``--idle`` seconds and its RSS. ``--quick``: 5 runs each, 10 s idle, 10 tasks.
 
 Run as root from the repository root: ``.venv/bin/python bench/latency.py``.
@@ -156,6 +158,7 @@ def main() -> int:
     print(f"OOM kill latency, from the OOM eventfd to the grower's exit (limit {LIMIT_MIB} "
           f"MiB, grower {GROWER_MIB} MiB, {runs} runs each):")
     ratio = None
+    others: list[str] = []
     for n in task_counts:
         k, w = results.get(("kernel", n), []), results.get(("warden", n), [])
         if not k or not w:
@@ -167,9 +170,13 @@ def main() -> int:
               f"   ({len(k)}/{len(w)} runs)")
         if n == task_counts[0]:
             ratio = wp50 / kp50
+        else:
+            others.append(f"warden/kernel p50 ratio at {n} tasks: {wp50 / kp50:.2f}")
     if idle_cpu is not None and rss is not None:
         print(f"warden idle CPU: {idle_cpu * 1000:.0f} ms over {idle:g} s "
               f"({idle_cpu * 1000 * 60 / idle:.0f} ms per minute); RSS {rss / 2**20:.1f} MiB")
+    for line in others:
+        print(line)
     if ratio is not None:
         print(f"warden/kernel p50 ratio: {ratio:.2f}")
     return 0

@@ -342,11 +342,14 @@ def test_a_handler_that_frees_memory_kills_nothing(memcg_factory: MemcgFactory,
 
 
 def test_a_kernel_kill_is_logged_with_its_victim(memcg_factory: MemcgFactory,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """In a dry run the kernel's killer acts; /dev/kmsg tells the warden whom
     it killed and at which limit, and that becomes a decision-log record (no
-    kill goes unexplained)."""
+    kill goes unexplained). (The BPF observer, which the daemon prefers, is
+    kept out: tests/test_observer.py has its own.)"""
     need(os.access("/dev/kmsg", os.R_OK), "/dev/kmsg is not readable")
+    monkeypatch.setenv("OOMWARDEN_BPF_OBSERVER", str(tmp_path / "missing.bpf.o"))
     cg = memcg_factory.create(limit_bytes=64 * MiB)
     warden = Warden(watch_config(tmp_path, cg, '["oom"]'), "--dry-run")
     try:

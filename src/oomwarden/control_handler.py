@@ -198,7 +198,7 @@ class WardenControl:
         check_explain_policy(request.policy, set(builtins()) | set(configured))
         policy = configured.get(request.policy) or load_policy(request.policy)
         try:
-            snapshot = build_snapshot(SourceConfig())
+            snapshot = build_snapshot(SourceConfig(source=self.w.snapshot_source))
             if request.cgroup is None:
                 domain = system_domain(snapshot)
             else:

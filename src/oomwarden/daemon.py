@@ -23,7 +23,8 @@ that has the memory controller:
 
 The victim queue of a domain goes first; then its policy. A decision starts
 the domain's cooldown (:class:`_Cooldown`). Every kill the kernel makes in a
-watched domain is logged too (``/dev/kmsg``, ``memory.events``).
+watched domain is logged too (the BPF observer, else ``/dev/kmsg``;
+``memory.events``).
 
 The kernel's own killer stays the safety net, always:
 
@@ -37,7 +38,8 @@ The kernel's own killer stays the safety net, always:
   the same events, logs what it would have done, and signals nothing.
 
 One event loop (``epoll``: PSI triggers report POLLPRI), no busy polling:
-eventfds, PSI and memory.events fds, queued pidfds, /dev/kmsg, and a
+eventfds, PSI and memory.events fds, queued pidfds, the BPF observer's ring
+buffer or /dev/kmsg, and a
 self-pipe for SIGTERM / SIGINT / SIGHUP; only the threshold and the margins
 are read on an interval. Every
 decision is one JSON line in the decision log and every kill one human line
@@ -61,27 +63,31 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from oomwarden.actions.executor import HOOK_TIMEOUT_S, Executor, Result
+from oomwarden.bpf_oom import detect as detect_bpf_oom
 from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.control import ControlServer
 from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
 from oomwarden.domains import resolve_cgroup, within
-from oomwarden.errors import ConfigError, ControlError, OomwardenError
+from oomwarden.errors import BpfError, ConfigError, ControlError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
+from oomwarden.observer import ObservedKill, ObserverSource
+from oomwarden.observer import open_source as open_observer
 from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
 from oomwarden.policy.history import History
 from oomwarden.queues import CgroupEntry, ProcessEntry, VictimQueue
+from oomwarden.sources import bpf as bpf_source
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_oom_control, parse_proc_cgroup, parse_stat
 from oomwarden.sources.procfs import ReadOptions, read_system
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.sources.snapshot import SourceConfig, build_snapshot, choose_source
 from oomwarden.triggers import (
     EventsSource,
     KernelKill,
@@ -284,7 +290,7 @@ class _Watch:
     #: the cgroup has been out of its OOM.
     handed_kills: int | None = None
     quiet_since: float | None = None
-    #: Kernel kills named by /dev/kmsg since the last reconciliation, and
+    #: Kernel kills named (BPF observer or /dev/kmsg) since the last reconciliation, and
     #: when memory.events first showed kills not yet reconciled.
     kmsg_kills: int = 0
     kills_seen_at: float | None = None
@@ -343,8 +349,14 @@ class Warden:
         default_factory=lambda: deque(maxlen=LAST_DECISIONS))
     kernel_kill_counts: dict[str, int] = field(default_factory=dict)
     _control: ControlServer | None = None
-    #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable).
+    #: The kernel's own OOM kills, read from /dev/kmsg (None: unreadable,
+    #: or the BPF observer is in use).
     _kmsg: KmsgSource | None = None
+    #: The kernel's own OOM kills, seen by BPF (None: not loaded; /dev/kmsg).
+    _observer: ObserverSource | None = None
+    #: Where snapshots come from (``SourceConfig.source``): the BPF task
+    #: iterator where it loads, else procfs (docs/bpf.md).
+    snapshot_source: Literal["auto", "procfs", "bpf"] = "auto"
     #: What the BPF parts are doing, for ``status`` (:meth:`bpf_status`):
     #: name -> {"in_use": bool, "detail": one line}.
     bpf_parts: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -355,6 +367,24 @@ class Warden:
     #: eventfd), or (owner, source).
     _fds: dict[int, Any] = field(default_factory=dict)
 
+    def _sources(self, **kw: Any) -> SourceConfig:
+        """A snapshot's sources, with the daemon's task source."""
+        return SourceConfig(source=self.snapshot_source, **kw)
+
+    def _choose_snapshot_source(self) -> None:
+        """Say once, at start, where the tasks come from (and why not BPF)."""
+        try:
+            choice = choose_source(self._sources())
+        except BpfError as e:
+            raise DaemonError(f"the BPF snapshot source cannot be had: {e}") from None
+        if choice.backend == "bpf":
+            detail = f"BPF task iterator ({os.path.basename(bpf_source.load().object_path)})"
+        else:
+            detail = choice.reason or "procfs (as configured)"
+            if choice.reason:
+                self._warn_once("bpf-snapshot", choice.reason)
+        self.bpf_parts["snapshot"] = {"in_use": choice.backend == "bpf", "detail": detail}
+
     def bpf_status(self) -> dict[str, dict[str, Any]]:
         """The BPF parts for ``status`` (docs/control.md): each one's name,
         whether it is in use, and one line saying what it does or why not."""
@@ -364,8 +394,11 @@ class Warden:
 
     def start(self) -> None:
         """Set every watch up, or none (a failure undoes what was done)."""
+        # BPF OOM struct_ops (docs/bpf-oom.md): detected for status, never loaded yet.
+        self.bpf_parts["struct_ops"] = detect_bpf_oom().status_part()
         self._protect_self()
         self._restore_leftovers()
+        self._choose_snapshot_source()
         try:
             os.makedirs(os.path.dirname(self.decision_log) or ".", exist_ok=True)
             self._log = open(self.decision_log, "a", buffering=1)  # noqa: SIM115
@@ -373,18 +406,26 @@ class Warden:
             raise DaemonError(f"cannot open the decision log {self.decision_log}: "
                               f"{e.strerror}") from None
         try:
-            snapshot = build_snapshot(SourceConfig())
+            snapshot = build_snapshot(self._sources())
             for spec in self.specs:
                 self.watches.append(self._watch(spec, snapshot))
             for sys_spec in self.systems:
                 self._systems.append(self._system(sys_spec))
-            if self.watches:
-                try:
-                    self._kmsg = KmsgSource.open()
-                except TriggerError as e:
-                    self._warn_once("kmsg", f"cannot read the kernel's log ({e}): its own OOM "
-                                    "kills are logged from memory.events counts only (cgroup "
-                                    "v2), without the victim")
+            if self.watches or self._systems:
+                # The kernel's own kills: the BPF observer where it loads,
+                # else /dev/kmsg (docs/bpf.md, "The observer").
+                self._observer, why = open_observer()
+                self.bpf_parts["observer"] = {"in_use": self._observer is not None,
+                                              "detail": why}
+                if self._observer is None:
+                    self._warn_once("observer", f"BPF OOM observer not used: {why}; the "
+                                    "kernel's OOM kills are read from /dev/kmsg")
+                    try:
+                        self._kmsg = KmsgSource.open()
+                    except TriggerError as e:
+                        self._warn_once("kmsg", f"cannot read the kernel's log ({e}): its own "
+                                        "OOM kills are logged from memory.events counts only "
+                                        "(cgroup v2), without the victim")
             live = [w for w in self.watches if not (self.dry_run or w.spec.dry_run)]
             to_pause = [w for w in live if w.event_fd >= 0]
             guards = [(w, g) for w in live if (g := self._plan_guard(w)) is not None]
@@ -470,7 +511,7 @@ class Warden:
         except OSError as e:
             self._warn_once("adj", f"cannot set its oom_score_adj to -1000 ({e.strerror}; "
                             "CAP_SYS_RESOURCE is missing): the kernel may kill the warden")
-        snapshot = build_snapshot(SourceConfig())
+        snapshot = build_snapshot(self._sources())
         policies = [s.policy for s in self.specs] + [t.policy for t in self.systems]
         for policy in {id(p): p for p in policies}.values():
             # bounded: a slow policy must not hold up the start
@@ -511,7 +552,7 @@ class Warden:
             fresh = self.reload()
             # The new watches are checked before the running ones are given
             # up: a cgroup that is gone or not watchable keeps the old config.
-            snapshot = build_snapshot(SourceConfig())
+            snapshot = build_snapshot(self._sources())
             for spec in fresh.specs:
                 self._check_watch(spec, snapshot)
         except OomwardenError as e:
@@ -709,6 +750,8 @@ class Warden:
                 self._register(src.fd, src.mask, (sysw, src))
         if self._kmsg is not None:
             self._register(self._kmsg.fd, self._kmsg.mask, self._kmsg)
+        if self._observer is not None:
+            self._register(self._observer.fd, self._observer.mask, self._observer)
         for entry in self.queue.entries:
             if isinstance(entry, ProcessEntry):
                 self._register(entry.pidfd, select.EPOLLIN, entry)
@@ -865,7 +908,7 @@ class Warden:
         if isinstance(data, ControlServer):
             data.handle(CONTROL_BUDGET_S)
             return
-        if isinstance(data, KmsgSource):
+        if isinstance(data, KmsgSource | ObserverSource):
             data.fired(events)
             for kill in data.kills:
                 self._kernel_kill(kill)
@@ -886,11 +929,12 @@ class Warden:
         self._fire(owner, src.trigger, detail)
 
     def _reconcile_kills(self, w: _Watch) -> None:
-        """memory.events oom_kill rose by N; /dev/kmsg named M of those kills
-        in this domain. After KILLS_SETTLE_S (the kernel prints the kill after
-        it counts it), the N - M kills it did not name are logged without a
-        victim: the kernel prints one ``oom-kill:`` line per OOM, not per
-        member of a ``memory.oom.group``, and rate-limits them."""
+        """memory.events oom_kill rose by N; the BPF observer or /dev/kmsg
+        named M of those kills in this domain. After KILLS_SETTLE_S (the
+        kernel prints the kill after it counts it), the N - M kills not named
+        are logged without a victim: the kernel prints one ``oom-kill:`` line
+        per OOM, not per member of a ``memory.oom.group``, and rate-limits
+        them (the observer names every member)."""
         events = next((src for src in w.sources if isinstance(src, EventsSource)), None)
         if events is None or w.kills_seen_at is None:
             return
@@ -922,8 +966,9 @@ class Warden:
     def _kernel_kill(self, kill: KernelKill) -> None:
         """A kill the kernel made: logged in the deepest watched domain that
         holds the limit it was made at (``oom_memcg``) or the victim
-        (``task_memcg``: a limit above the domain, or a global OOM); kills
-        elsewhere are not ours to log."""
+        (``task_memcg``: a limit above the domain, or a global OOM); a global
+        OOM's kill that no watched cgroup holds, in the system domain where
+        one is watched; kills elsewhere are not ours to log."""
         inside = [w for w in self.watches
                   if any(path and within(path, w.path)
                          for path in (kill.oom_memcg, kill.task_memcg))]
@@ -931,22 +976,36 @@ class Warden:
             w = max(inside, key=lambda w: len(w.path))
             w.kmsg_kills += 1
             self._record_kernel_kill(w, kill, 1)
+        elif self._systems and kill.constraint and not kill.oom_memcg:
+            self._record_kernel_kill(self._systems[0], kill, 1)
 
-    def _record_kernel_kill(self, w: _Watch, kill: KernelKill | None, count: int) -> None:
+    def _record_kernel_kill(self, w: _Watch | _System, kill: KernelKill | None,
+                            count: int) -> None:
         now = time.time_ns()
-        if kill is not None:
-            detail = (f"the kernel killed pid {kill.pid} ({kill.comm}) of {kill.task_memcg} "
-                      f"at the limit of {kill.oom_memcg}: {kill.detail}")
+        extra: dict[str, Any] = {"source": "kmsg" if kill is not None else "memory.events"}
+        if isinstance(kill, ObservedKill):
+            detail = f"the kernel killed {kill.detail}"
             victim: dict[str, object] | None = {"pid": kill.pid, "comm": kill.comm,
-                                                "cgroup": kill.task_memcg}
+                                                "cgroup": kill.task_memcg,
+                                                **kill.victim_fields()}
+            extra = {"source": "bpf", "oom": kill.oom_fields()}
+            now = kill.time_ns or now
+        elif kill is not None:
+            where = (f"at the limit of {kill.oom_memcg}" if kill.oom_memcg
+                     else f"in a system-wide OOM ({kill.constraint})")
+            detail = (f"the kernel killed pid {kill.pid} ({kill.comm}) of {kill.task_memcg} "
+                      f"{where}: {kill.detail}")
+            victim = {"pid": kill.pid, "comm": kill.comm, "cgroup": kill.task_memcg}
         else:
             detail = (f"the kernel killed {count} process{'es' if count != 1 else ''} "
                       "(memory.events oom_kill) that /dev/kmsg did not name")
             victim = None
         record: dict[str, Any] = {
-            "domain": w.name, "hierarchy": w.kind.value, "trigger": "kernel_kill",
-            "policy": None, "victim": victim, "kernel_kills": count, "event_detail": detail,
-            "dry_run": self.dry_run or w.spec.dry_run, "actions": [], "results": [],
+            "domain": w.name,
+            "hierarchy": w.kind.value if isinstance(w, _Watch) else None,
+            "trigger": "kernel_kill", "policy": None, "victim": victim, "kernel_kills": count,
+            "event_detail": detail, **extra,
+            "dry_run": self.dry_run or w.dry, "actions": [], "results": [],
             "time_ns": {"event": now}}
         self._write_record(record)
         self.kernel_kill_counts[w.name] = self.kernel_kill_counts.get(w.name, 0) + count
@@ -1051,7 +1110,7 @@ class Warden:
         # In a dry run the kernel's killer was never paused: by now it has
         # usually acted, and the decision shows what the warden would do next.
         usage_before = _usage(w)
-        snapshot = build_snapshot(SourceConfig(only=(w.kind.value, w.path), cgroup_stat=False,
+        snapshot = build_snapshot(self._sources(only=(w.kind.value, w.path), cgroup_stat=False,
                                                read=self._read_options(w.spec.policy)))
         cg = next((c for c in snapshot.cgroups
                    if c.kind is w.kind and c.path == w.path), None)
@@ -1095,12 +1154,12 @@ class Warden:
         policy = owner.spec.policy
         if isinstance(owner, _System):
             usage_before = _available()
-            snapshot = build_snapshot(SourceConfig(read=self._read_options(policy)))
+            snapshot = build_snapshot(self._sources(read=self._read_options(policy)))
             domain = system_domain(snapshot)
             confine = None
         else:
             usage_before = _usage(owner)
-            snapshot = build_snapshot(SourceConfig(only=(owner.kind.value, owner.path),
+            snapshot = build_snapshot(self._sources(only=(owner.kind.value, owner.path),
                                                    cgroup_stat=False,
                                                    read=self._read_options(policy)))
             cg = next((c for c in snapshot.cgroups
@@ -1283,7 +1342,7 @@ class Warden:
             t.spec.policy.needs_history for t in self._systems)
 
     def _keep_history(self) -> None:
-        self._history.append(build_snapshot(SourceConfig()))
+        self._history.append(build_snapshot(self._sources()))
         del self._history[:-HISTORY_KEPT]
         self._next_history = time.monotonic() + HISTORY_S
 
@@ -1503,6 +1562,10 @@ class Warden:
         if self._kmsg is not None:
             self._kmsg.close()
             self._kmsg = None
+        if self._observer is not None:
+            self._observer.close()  # links destroyed, ring buffer freed, object closed
+            self._observer = None
+        bpf_source.unload_all()  # the task iterator's link and object
         if self._watchdog is not None:
             self._watchdog.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
