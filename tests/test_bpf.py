@@ -41,7 +41,12 @@ from oomwarden.policy.kernel import badness_points
 from oomwarden.sandbox import MemcgFactory
 from oomwarden.sources import bpf
 from oomwarden.sources.procfs import ReadOptions
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot, choose_source
+from oomwarden.sources.snapshot import (
+    SourceConfig,
+    build_snapshot,
+    choose_source,
+    with_members,
+)
 from test_control_live import LiveWarden
 
 from conftest import need
@@ -213,11 +218,23 @@ def test_task_cache_gives_what_the_decoder_gives(
     one = _data(first)
     # The second pass: the first's processes, some changed, then new ones.
     two = _data(first[: len(first) // 2] + second)
-    for data in (one, two, two, one):
-        got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=keep)
+    scope = None if keep is None else keep.__name__
+    for data in (one, two, two):
+        got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=keep,
+                          scope=scope)
         assert got == _reference(data, keep)
-    # The last pass repeated the first: every leader record that may be kept was.
-    assert cache.last_records == len(one) // bpf.RECORD_SIZE
+    # The third pass repeated the second: every record that may be kept was
+    # reused -- leaders with their own mm or kernel threads in a walked
+    # cgroup, and (with a filter) every leader outside it.
+    records = bpf.decode_records(two)
+    inside = dict(zip([r.pid for r in records if r.leader],
+                      [keep is None or keep((t.memcg_v1, t.cgroup_v2)) for t in
+                       bpf.records_to_tasks(records, psize=4096, clk_tck=100,
+                                            resolver=_resolver())], strict=True))
+    reusable = sum(1 for r in records if r.leader and (
+        not inside[r.pid]
+        or ((r.has_mm or r.flags & bpf.PF_KTHREAD) and r.memcg_ino in (7, 8))))
+    assert cache.last_hits == reusable
 
 
 def test_task_cache_reuses_unchanged_tasks_and_never_a_stand_in() -> None:
@@ -238,18 +255,62 @@ def test_task_cache_reuses_unchanged_tasks_and_never_a_stand_in() -> None:
     assert cache.last_hits == 0
 
 
-def test_task_cache_outside_verdict_is_kept_and_a_changed_walk_starts_afresh() -> None:
+def test_task_cache_outside_verdict_is_kept_and_a_changed_walk_is_checked() -> None:
     cache = bpf.TaskCache()
     data = _data([("plain", 7, 5, 0), ("plain", 8, 6, 0)])
-    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b)
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b,
+                      scope="b")
     assert [t.memcg_v1 for t in got] == ["/a/b"]
-    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b)
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver(), keep=_only_b,
+                      scope="b")
     assert [t.memcg_v1 for t in got] == ["/a/b"] and cache.last_hits == 2
-    # /a/b renamed to /a/c: the walk differs, nothing is reused.
+    # The whole system is another scope: the subtree's "outside" is not reused.
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver())
+    assert [t.memcg_v1 for t in got] == ["/a", "/a/b"] and cache.last_hits == 0
+    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=_resolver())
+    assert cache.last_hits == 2
+    # A cgroup made elsewhere: the walk differs, but both tasks' ids still
+    # name the same paths: both reused.
+    more = [*_WALKED, Cgroup(HierarchyKind.V1, "/z", "/nonexistent/memory/z", 50, True, True)]
+    got = cache.tasks(data, psize=4096, clk_tck=100,
+                      resolver=bpf.CgroupResolver(more, (_V1, _V2), "/nonexistent"))
+    assert cache.last_hits == 2 and [t.memcg_v1 for t in got] == ["/a", "/a/b"]
+    # /a/b renamed to /a/c: that task is made again with its new path.
     renamed = [_WALKED[0], replace(_WALKED[1], path="/a/c"), _WALKED[2]]
-    resolver = bpf.CgroupResolver(renamed, (_V1, _V2), "/nonexistent")
-    got = cache.tasks(data, psize=4096, clk_tck=100, resolver=resolver)
-    assert cache.last_hits == 0 and [t.memcg_v1 for t in got] == ["/a", "/a/c"]
+    got = cache.tasks(data, psize=4096, clk_tck=100,
+                      resolver=bpf.CgroupResolver(renamed, (_V1, _V2), "/nonexistent"))
+    assert cache.last_hits == 1 and [t.memcg_v1 for t in got] == ["/a", "/a/c"]
+
+
+def test_task_cache_needs_a_scope_for_a_filter() -> None:
+    with pytest.raises(ValueError, match="scope"):
+        bpf.TaskCache().tasks(b"", psize=4096, clk_tck=100, resolver=_resolver(), keep=_in_a)
+
+
+def test_members_from_tasks_leave_read_hierarchies_alone() -> None:
+    """v2 with the memory controller keeps cgroup.procs' order (the kernel's
+    scan order, by which the kernel policy breaks ties); v1 takes the tasks'."""
+    v2 = Cgroup(HierarchyKind.V2, "/w", "/x/w", 3, True, True, pids=(31, 32, 30))
+    v1 = Cgroup(HierarchyKind.V1, "/a", "/y/a", 7, True, True)
+    tasks = [Task(p, p, 1, "t", "S", 1, 0, False, True, 1, 1, 0, 0, 1, 0,
+                  memcg_v1="/a", cgroup_v2="/w") for p in (32, 30, 31)]
+    out = with_members([v1, v2], tasks, {HierarchyKind.V1})
+    assert out[0].pids == (30, 31, 32) and out[1].pids == (31, 32, 30)
+    assert with_members([v1, v2], tasks, set()) == [v1, v2]
+
+
+def test_a_failing_bpf_pass_is_read_from_proc_under_auto(
+    iterator: bpf.TaskIterator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kw: object) -> list[Task]:
+        raise BpfError("bpf_iter_create failed: Too many open files")
+
+    monkeypatch.setattr(bpf, "read_tasks_bpf", broken)
+    snap = build_snapshot(SourceConfig(source="auto"))
+    assert snap.task(os.getpid()) is not None
+    assert any("Too many open files" in p and "/proc" in p for p in snap.problems)
+    with pytest.raises(BpfError, match="Too many open files"):
+        build_snapshot(SourceConfig(source="bpf"))
 
 
 @settings(max_examples=200, deadline=None)

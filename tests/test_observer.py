@@ -85,6 +85,19 @@ class _Names(CgroupNames):
         return "/" if ino == 1 else None
 
 
+class _Gone(CgroupNames):
+    """Every cgroup removed (rmdir) before its id was looked up."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def memcg(self, ino: int) -> str | None:
+        return None
+
+    def dfl(self, ino: int) -> str | None:
+        return None
+
+
 # -- the decoder, on crafted bytes --------------------------------------------------------
 
 
@@ -390,8 +403,14 @@ dry_run = true
             kill_known=False, boot_offset_ns=0)
         memcg_kill = obs.to_kill(obs.decode_record(_record()), names, kill_known=False,
                                  boot_offset_ns=0)
-        assert global_kill is not None and memcg_kill is not None
+        # A memcg OOM whose cgroups were removed before the ring buffer was
+        # read: no paths, but not a global OOM either.
+        gone_kill = obs.to_kill(obs.decode_record(_record()), _Gone(), kill_known=False,
+                                boot_offset_ns=0)
+        assert global_kill is not None and memcg_kill is not None and gone_kill is not None
+        assert not gone_kill.oom_memcg and gone_kill.constraint == "CONSTRAINT_MEMCG"
         warden._kernel_kill(memcg_kill)
+        warden._kernel_kill(gone_kill)
         warden._kernel_kill(global_kill)
         warden._log = None
     (record,) = _kernel_kills(tmp_path)

@@ -976,7 +976,9 @@ class Warden:
             w = max(inside, key=lambda w: len(w.path))
             w.kmsg_kills += 1
             self._record_kernel_kill(w, kill, 1)
-        elif self._systems and kill.constraint and not kill.oom_memcg:
+        elif self._systems and kill.constraint not in ("", "CONSTRAINT_MEMCG") \
+                and not kill.oom_memcg:
+            # (a memcg OOM whose cgroup is gone by now has no path: not global)
             self._record_kernel_kill(self._systems[0], kill, 1)
 
     def _record_kernel_kill(self, w: _Watch | _System, kill: KernelKill | None,

@@ -418,6 +418,11 @@ def clock_ticks_per_second() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
+#: ``memcg_ino`` and ``dfl_ino`` in a record (RECORD's layout).
+_CGROUP_IDS = struct.Struct("<QQ")
+_CGROUP_IDS_AT = 24
+
+
 class CgroupResolver:
     """kernfs ids (the records' ``memcg_ino``/``dfl_ino``) to cgroup paths.
 
@@ -461,6 +466,16 @@ class CgroupResolver:
         """Both paths come from the walk alone."""
         return ((not self.v1_mounted or memcg_ino in self.walked_v1)
                 and (not self.v2_mounted or dfl_ino in self.walked_v2))
+
+    def still_walked(self, record: bytes, task: Task) -> bool:
+        """A task made from ``record`` under another walk: are its paths what
+        this walk says for the record's cgroup ids?"""
+        memcg_ino, dfl_ino = _CGROUP_IDS.unpack_from(record, _CGROUP_IDS_AT)
+        if not self.walked(memcg_ino, dfl_ino):
+            return False
+        v1 = self.walked_v1[memcg_ino] if self.v1_mounted else None
+        v2 = self.walked_v2[dfl_ino] if self.v2_mounted else None
+        return v1 == task.memcg_v1 and v2 == task.cgroup_v2
 
     def paths(self, pid: int, memcg_ino: int, dfl_ino: int) -> tuple[str | None, str | None]:
         """(v1 memory cgroup path, v2 cgroup path); None where not mounted or unknown."""
@@ -558,30 +573,43 @@ _CACHES_KEPT = 4
 _OUTSIDE = object()
 
 
+@dataclass(slots=True)
+class _Scope:
+    """One scope's kept tasks, and the walk they were resolved against."""
+
+    fingerprint: tuple[object, ...]
+    entries: dict[bytes, object]
+
+
 class TaskCache:
-    """The tasks of the last passes by their record's bytes.
+    """The tasks of the last pass of each scope, by their record's bytes.
 
     A record holds everything a :class:`Task` is made of except the cgroup
-    paths and two constants (page size, clock ticks), so while those stay
-    the same (:meth:`CgroupResolver.fingerprint`), a record seen before byte
-    for byte makes the same, immutable, Task: most processes do not change
-    between two snapshots, and their decoding is skipped. Kept: leaders with
-    their own mm, and kernel threads (a leader without an mm may take a
-    thread's counters), whose paths came from the walk; for an ``only=``
-    subtree, also the verdict "outside" (a cgroup cannot be moved to another
-    parent, so its tasks cannot enter the subtree without a change the walk
-    sees). Each pass keeps only what it saw; at most four fingerprints are
-    kept (a whole-system snapshot and a few subtrees).
+    paths and two constants (page size, clock ticks), so a record seen
+    before byte for byte makes the same, immutable, Task: most processes do
+    not change between two snapshots, and their decoding is skipped. Kept:
+    leaders with their own mm, and kernel threads (a leader without an mm
+    may take a thread's counters), whose paths came from the walk; for an
+    ``only=`` subtree, also the verdict "outside" (a cgroup cannot be moved
+    to another parent, so its tasks cannot enter the subtree without a
+    change the walk sees).
+
+    One entry per scope (the whole system, or an ``only=`` subtree: the
+    ``scope`` argument), at most four, each holding only what its last pass
+    saw. When the walk changed since (a cgroup made, removed or renamed
+    anywhere: :meth:`CgroupResolver.fingerprint`), a kept task is reused
+    only if its record's cgroup ids still name the same paths in the walk,
+    and "outside" verdicts are decided again.
     """
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[object, ...], dict[bytes, object]] = {}
+        self._scopes: dict[tuple[object, ...], _Scope] = {}
         #: The last pass: records given, and how many came from the cache.
         self.last_records = 0
         self.last_hits = 0
 
     def clear(self) -> None:
-        self._by_key.clear()
+        self._scopes.clear()
 
     def tasks(
         self,
@@ -591,16 +619,27 @@ class TaskCache:
         clk_tck: int,
         resolver: CgroupResolver,
         keep: Keep | None = None,
+        scope: object = None,
     ) -> list[Task]:
         """``records_to_tasks(decode_records(data), ...)``, only the tasks
         whose (v1 memory cgroup, v2 cgroup) paths ``keep`` accepts, reusing
-        the tasks of records seen before."""
+        the tasks of records seen before in the same ``scope`` (a hashable
+        naming what ``keep`` keeps; required with ``keep``)."""
+        if keep is not None and scope is None:
+            raise ValueError("a filtered pass needs a scope of its own")
         if len(data) % RECORD_SIZE:
             decode_records(data)  # raises the decoder's own error
-        key = (psize, clk_tck, *resolver.fingerprint())
-        old = self._by_key.pop(key, None) or {}
+        key = (psize, clk_tck, resolver.proc_root, scope)
+        fingerprint = resolver.fingerprint()
+        kept = self._scopes.pop(key, None)
+        old = kept.entries if kept is not None else {}
         chunks = [data[off:off + RECORD_SIZE] for off in range(0, len(data), RECORD_SIZE)]
         got: list[object] = list(map(old.get, chunks))
+        if kept is not None and kept.fingerprint != fingerprint:
+            for i, g in enumerate(got):
+                if g is not None and not (isinstance(g, Task)
+                                          and resolver.still_walked(chunks[i], g)):
+                    got[i] = None
         missed_at = [i for i, g in enumerate(got) if g is None]
         self.last_records = len(chunks)
         self.last_hits = len(chunks) - len(missed_at)
@@ -610,13 +649,13 @@ class TaskCache:
             new = {c: g for c, g in zip(chunks, got, strict=True) if g is not None}
             missed = [chunks[i] for i in missed_at]
             made: list[Task | None] = [None] * len(missed)
-            self._decode_missed(missed, made, new=new, psize=psize, clk_tck=clk_tck,
-                                resolver=resolver, keep=keep)
+            self._decode_missed(missed, made, index=missed_at, new=new, psize=psize,
+                                clk_tck=clk_tck, resolver=resolver, keep=keep)
             for i, task in zip(missed_at, made, strict=True):
                 got[i] = task
-        self._by_key[key] = new
-        while len(self._by_key) > _CACHES_KEPT:
-            del self._by_key[next(iter(self._by_key))]
+        self._scopes[key] = _Scope(fingerprint, new)
+        while len(self._scopes) > _CACHES_KEPT:
+            del self._scopes[next(iter(self._scopes))]
         return [g for g in got if isinstance(g, Task)]
 
     @staticmethod
@@ -624,6 +663,7 @@ class TaskCache:
         missed: list[bytes],
         made: list[Task | None],
         *,
+        index: list[int],
         new: dict[bytes, object],
         psize: int,
         clk_tck: int,
@@ -638,7 +678,7 @@ class TaskCache:
         tick_ns = 1_000_000_000 // clk_tck
         other: list[int] = []
         for i, f in enumerate(RECORD.iter_unpack(b"".join(missed))):
-            _check_record(i, f)
+            _check_record(index[i], f)
             (_magic, pid, tgid, ppid, start, memcg, dfl, rfile, ranon, rshmem, swap, pte,
              uid, state, exit_state, flags, adj, rflags, comm, _pad) = f
             if not rflags & LEADER:
@@ -664,7 +704,7 @@ class TaskCache:
                 new[missed[i]] = task
         if not other:
             return
-        records = decode_records(b"".join(missed[i] for i in other))
+        records = decode_records(b"".join(missed[i] for i in other))  # checked above
         leaders = [i for i, r in zip(other, records, strict=True) if r.leader]
         fresh = records_to_tasks(records, psize=psize, clk_tck=clk_tck, resolver=resolver)
         for i, task in zip(leaders, fresh, strict=True):
@@ -697,13 +737,15 @@ def read_tasks_bpf(
     hierarchies: Sequence[Hierarchy] = (),
     stats: ReadStats | None = None,
     only: HierarchyKind | None = None,
+    scope: object = None,
 ) -> list[Task]:
     """Every process, from one pass of ``iterator``; the kernel's oom_score,
     exe and cmdline read from ``proc_root`` only when ``options`` ask.
 
     ``only``: ``cgroups`` is one subtree of that hierarchy (``SourceConfig.only``),
-    and only the processes in its cgroups are returned. Tasks are reused from
-    the iterator's :class:`TaskCache` where their records did not change."""
+    and only the processes in its cgroups are returned; ``scope`` names that
+    subtree (its ``SourceConfig.only``). Tasks are reused from the iterator's
+    :class:`TaskCache` where their records did not change."""
     check_proc_root(proc_root)
     resolver = CgroupResolver(cgroups, hierarchies, proc_root)
     keep: Keep | None = None
@@ -716,7 +758,7 @@ def read_tasks_bpf(
     try:
         tasks = iterator.cache.tasks(iterator.read(), psize=psize,
                                      clk_tck=clock_ticks_per_second(), resolver=resolver,
-                                     keep=keep)
+                                     keep=keep, scope=None if only is None else (only, scope))
     except BpfError as e:
         if stats is not None and len(stats.problems) < MAX_PROBLEMS:
             stats.problems.append(str(e))

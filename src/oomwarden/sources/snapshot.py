@@ -109,8 +109,11 @@ def build_snapshot(
     cgroups: list[Cgroup] = []
     walk = WalkReport()
     # BPF records carry each task's cgroup ids: the cgroups' member lists
-    # then come from the tasks, and cgroup.procs is not read.
+    # then come from the tasks, and cgroup.procs is not read -- except on a
+    # v2 hierarchy with the memory controller, whose cgroup.procs order is
+    # the kernel's scan order (the kernel policy breaks ties by it).
     use_bpf = choose_source(config).backend == "bpf"
+    derived: set[HierarchyKind] = set()
     if config.cgroups:
         hierarchies = find_hierarchies(
             config.proc_root, config.fs_root, verify=config.verify_fs
@@ -118,22 +121,35 @@ def build_snapshot(
         for h in hierarchies:
             if config.only is not None and h.kind.value != config.only[0]:
                 continue
+            with_pids = not use_bpf or (h.kind is HierarchyKind.V2 and h.has_memory)
+            if not with_pids:
+                derived.add(h.kind)
             cgroups.extend(walk_hierarchy(
                 h, psize=psize, report=walk, with_stat=config.cgroup_stat,
                 below=None if config.only is None else config.only[1],
-                with_pids=not use_bpf,
+                with_pids=with_pids,
             ))
     system = read_system(config.proc_root, psize=psize)
     stats = ReadStats()
     kept = hierarchies if config.only is None else tuple(
         h for h in hierarchies if h.kind.value == config.only[0])
     if use_bpf:
-        tasks = bpf.read_tasks_bpf(
-            bpf.load(config.bpf_object), proc_root=config.proc_root, psize=psize,
-            options=config.read, cgroups=cgroups, hierarchies=kept, stats=stats,
-            only=None if config.only is None else HierarchyKind(config.only[0]),
-        )
-        cgroups = with_members(cgroups, tasks)
+        try:
+            tasks = bpf.read_tasks_bpf(
+                bpf.load(config.bpf_object), proc_root=config.proc_root, psize=psize,
+                options=config.read, cgroups=cgroups, hierarchies=kept, stats=stats,
+                only=None if config.only is None else HierarchyKind(config.only[0]),
+                scope=config.only,
+            )
+        except BpfError as e:
+            if config.source == "bpf":
+                raise
+            # auto: a pass that fails (an fd limit, a kernel error) is read
+            # from /proc instead, and the snapshot says so.
+            snap = build_snapshot(replace(config, source="procfs"), clock=clock)
+            return replace(snap, problems=(*snap.problems,
+                                           f"BPF task iterator failed ({e}); read /proc"))
+        cgroups = with_members(cgroups, tasks, derived)
     else:
         tasks = read_tasks(
             config.proc_root,
@@ -179,12 +195,17 @@ def cgroup_map(
     return CgroupMap(v1=v1, v2=v2)
 
 
-def with_members(cgroups: list[Cgroup], tasks: list[Task]) -> list[Cgroup]:
-    """The cgroups with ``pids`` taken from the tasks' paths (sorted), for a
-    source that knows each task's cgroup (BPF) instead of reading
-    cgroup.procs. One difference: cgroup.procs also lists a process one of
-    whose threads (not its leader) is in the cgroup; here a process is where
-    its leader is."""
+def with_members(
+    cgroups: list[Cgroup], tasks: list[Task], kinds: set[HierarchyKind] | None = None
+) -> list[Cgroup]:
+    """The cgroups (of ``kinds``, default all) with ``pids`` taken from the
+    tasks' paths, sorted, for a source that knows each task's cgroup (BPF)
+    instead of reading cgroup.procs. One difference: cgroup.procs also lists
+    a process one of whose threads (not its leader) is in the cgroup; here a
+    process is where its leader is. (v1 sorts cgroup.procs too; v2 lists in
+    the kernel's scan order, which is why v2 memory hierarchies keep theirs.)"""
+    if kinds is not None and not kinds:
+        return cgroups
     v1: defaultdict[str | None, list[int]] = defaultdict(list)
     v2: defaultdict[str | None, list[int]] = defaultdict(list)
     for t in tasks:
@@ -193,6 +214,9 @@ def with_members(cgroups: list[Cgroup], tasks: list[Task]) -> list[Cgroup]:
         v2[t.cgroup_v2].append(pid)
     out: list[Cgroup] = []
     for cg in cgroups:
+        if kinds is not None and cg.kind not in kinds:
+            out.append(cg)
+            continue
         members = (v1 if cg.kind is HierarchyKind.V1 else v2).get(cg.path, [])
         out.append(replace(cg, pids=tuple(sorted(members))))
     return out
