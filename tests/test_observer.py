@@ -35,10 +35,10 @@ from oomwarden.observer import CgroupNames, ObservedKill, ObserverSource
 from oomwarden.sources import bpf as bpf_source
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.triggers import KernelKill
-from test_daemon import Warden, decisions
+from test_daemon import Warden, config, decisions
 
 from conftest import need
-from kernelenv import ChildMemcg, MemcgFactory
+from kernelenv import MemcgFactory
 
 MiB = 1 << 20
 PSIZE = os.sysconf("SC_PAGE_SIZE")
@@ -297,20 +297,6 @@ def test_the_observer_catches_a_kernel_kill_in_a_child_memcg(
 # -- the daemon -----------------------------------------------------------------------------
 
 
-def _watch_config(tmp_path: Path, cg: ChildMemcg) -> Path:
-    path = tmp_path / "oomwarden.toml"
-    path.write_text(f"""
-decision_log = "{tmp_path / 'decisions.jsonl'}"
-[[watch]]
-domain = "cgroup:{cg.hierarchy_path}"
-triggers = ["oom"]
-policy = "kernel"
-dry_run = true
-""")
-    path.chmod(0o644)
-    return path
-
-
 def _kernel_kills(tmp_path: Path) -> list[dict[str, object]]:
     return [r for r in decisions(tmp_path) if r["trigger"] == "kernel_kill"]
 
@@ -322,7 +308,7 @@ def test_the_daemon_logs_the_kernel_kill_from_bpf(memcg_factory: MemcgFactory,
     assert src is not None
     src.close()
     cg = memcg_factory.create(limit_bytes=64 * MiB)
-    warden = Warden(_watch_config(tmp_path, cg), "--dry-run")
+    warden = Warden(config(tmp_path, cg), "--dry-run")
     try:
         warden.wait_for("watching 1 memory cgroup (oom)")
         grower = cg.start_grower(200)
@@ -351,7 +337,7 @@ def test_without_the_observer_the_daemon_reads_kmsg(memcg_factory: MemcgFactory,
     missing = tmp_path / "missing.bpf.o"
     monkeypatch.setenv(obs.OBJECT_ENV, str(missing))
     cg = memcg_factory.create(limit_bytes=64 * MiB)
-    warden = Warden(_watch_config(tmp_path, cg), "--dry-run")
+    warden = Warden(config(tmp_path, cg), "--dry-run")
     try:
         warden.wait_for("watching 1 memory cgroup (oom)")
         grower = cg.start_grower(200)
@@ -464,7 +450,7 @@ def test_no_fd_or_bpf_link_left_after_the_daemon_stops(memcg_factory: MemcgFacto
     assert src is not None
     src.close()
     cg = memcg_factory.create(limit_bytes=64 * MiB)
-    warden = warden_from_config(load_config(str(_watch_config(tmp_path, cg))), dry_run=True)
+    warden = warden_from_config(load_config(str(config(tmp_path, cg))), dry_run=True)
     warden.state_file = None
     warden.lock_memory = False
     warden.stderr = io.StringIO()

@@ -34,7 +34,7 @@ from typing import Any
 
 from oomwarden.decision import Decision
 from oomwarden.errors import BpfError
-from oomwarden.sources.bpf import libbpf_function, libbpf_last_message
+from oomwarden.sources.bpf import libbpf_function, libbpf_last_message, trim_heap
 
 #: What the series adds to the kernel's BTF (v3: include/linux/bpf_oom.h and
 #: mm/oom_kill.c).
@@ -93,6 +93,7 @@ def find_btf_types(wanted: Sequence[tuple[str, int]], *,
         return {(name, kind): find(btf, name.encode(), kind) > 0 for name, kind in wanted}
     finally:
         libbpf_function("btf__free", [ctypes.c_void_p], None)(btf)
+        trim_heap()
 
 
 def detect(struct_name: str = STRUCT_OPS_NAME, kfunc_name: str = KILL_KFUNC, *,

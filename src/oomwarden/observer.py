@@ -40,7 +40,12 @@ from typing import Any
 
 from oomwarden.errors import BpfError, OomwardenError
 from oomwarden.model import Hierarchy, HierarchyKind
-from oomwarden.sources.bpf import PID_MAX_LIMIT, libbpf_function, libbpf_last_message
+from oomwarden.sources.bpf import (
+    PID_MAX_LIMIT,
+    libbpf_function,
+    libbpf_last_message,
+    trim_heap,
+)
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.procfs import read_system
 from oomwarden.triggers import EPOLLIN, KernelKill, Source
@@ -519,18 +524,6 @@ def _lib() -> dict[str, Any]:
     return {name: libbpf_function(name, args, res) for name, (args, res) in sig.items()}
 
 
-def _trim_heap() -> None:
-    """Give the heap libbpf freed back to the system: loading parses the
-    kernel's whole BTF (for CO-RE) and frees it, which left the process
-    12 MiB bigger (measured: 27.8 MiB resident after the load, 15.9 MiB after
-    ``malloc_trim``) -- memory the daemon would keep locked (mlockall), and
-    enough to make the warden the largest process of a small machine.
-    glibc only; elsewhere nothing."""
-    trim = getattr(_libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
 def _reason(what: str, err: int, before: str | None) -> BpfError:
     last = libbpf_last_message()
     detail = f": {last}" if last and last != before else ""
@@ -570,7 +563,7 @@ class Observer:
         except BaseException:
             self.close()
             raise
-        _trim_heap()
+        trim_heap()
 
     def _open(self, optional: bool) -> None:
         before = libbpf_last_message()
