@@ -40,6 +40,7 @@ from typing import IO, Any
 
 from oomwarden import __version__
 from oomwarden.errors import TraceError
+from oomwarden.limits import DEFAULT_LEVEL as DEFAULT_LEVEL  # noqa: PLC0414 (a re-export)
 from oomwarden.model import (
     Cgroup,
     Hierarchy,
@@ -61,11 +62,6 @@ CRC_SEP = b"\t"
 GZIP_MAGIC = b"\x1f\x8b"
 #: zlib's wbits for a gzip container.
 GZIP_WBITS = 31
-#: The default compression level: with delta encoding, 6 stores a steady
-#: snapshot in less than half the bytes of level 1 for ~2 ms more per
-#: snapshot of 2,000 tasks, next to the ~70 ms the snapshot itself takes
-#: (docs/benchmarks.md).
-DEFAULT_LEVEL = 6
 #: Longest line the reader accepts (a snapshot of 100,000 tasks is ~25 MB).
 MAX_LINE = 256 * 1024 * 1024
 READ_CHUNK = 1 << 16

@@ -1,7 +1,8 @@
 """``oomwarden record`` and ``oomwarden replay`` (docs/trace-format.md).
 
-Kept apart from :mod:`oomwarden.cli`, which only adds the two subcommands
-and dispatches to :func:`cmd_record` and :func:`cmd_replay`.
+Kept apart from :mod:`oomwarden.cli`, which only dispatches to
+:func:`cmd_record` and :func:`cmd_replay`, importing this module when one of
+them runs (the two subcommands' parsers are in :mod:`oomwarden.cli_args`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from oomwarden.display import literal, out_console
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import OomwardenError
 from oomwarden.policy.decide import DEFAULT_BUDGET_S
@@ -37,104 +39,13 @@ from oomwarden.replay import (
 )
 from oomwarden.sources.procfs import ReadOptions
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
-from oomwarden.trace import DEFAULT_LEVEL, TraceStats, TraceWriter, open_trace
+from oomwarden.trace import TraceStats, TraceWriter, open_trace
 from oomwarden.units import fmt_bytes
 
-#: Snapshots at most this often (a snapshot of 2,000 tasks takes ~50 ms) and
-#: at least this often.
-MIN_INTERVAL_S = 0.05
-MAX_INTERVAL_S = 3600.0
-MAX_DURATION_S = 30 * 24 * 3600.0
 #: Off a terminal, the progress line is written this often (not overwritten).
 PLAIN_PROGRESS_S = 10.0
 #: Reasons shown per victim in the replay table.
 TABLE_REASONS = 2
-
-
-def _interval(text: str) -> float:
-    return _bounded(text, MIN_INTERVAL_S, MAX_INTERVAL_S)
-
-
-def _duration(text: str) -> float:
-    return _bounded(text, MIN_INTERVAL_S, MAX_DURATION_S)
-
-
-def _bounded(text: str, low: float, high: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {value:g}")
-    return value
-
-
-def _level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {text!r}") from None
-    if not 1 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {value}")
-    return value
-
-
-def _top(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def add_trace_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    rc = sub.add_parser(
-        "record",
-        help="record a trace of snapshots, for `oomwarden replay`",
-        description="Take a snapshot every --interval seconds (the whole system, or one "
-        "cgroup subtree) and write each to FILE as it is taken: a compressed, versioned "
-        "stream (docs/trace-format.md). Stops at --duration, Ctrl-C or SIGTERM; a killed "
-        "recorder leaves a readable trace.",
-    )
-    rc.add_argument("--out", required=True, metavar="FILE", help="the trace file (replaced)")
-    rc.add_argument("--interval", type=_interval, default=1.0, metavar="S",
-                    help="seconds between snapshots (default 1)")
-    rc.add_argument("--duration", type=_duration, default=None, metavar="S",
-                    help="stop after this many seconds (default: until Ctrl-C or SIGTERM)")
-    rc.add_argument("--cgroup", metavar="PATH",
-                    help="only this cgroup subtree (as `explain --cgroup` takes it)")
-    rc.add_argument("--details", action="store_true",
-                    help="also read every process's exe and cmdline (policies matching "
-                    "names need them; costs one more read per process)")
-    rc.add_argument("--level", type=_level, default=DEFAULT_LEVEL, metavar="N",
-                    help=f"gzip level 1..9 (default {DEFAULT_LEVEL})")
-    rc.add_argument("--no-compress", action="store_true", help="plain JSON lines")
-    rc.add_argument("--no-delta", action="store_true",
-                    help="every process and cgroup in full in every snapshot")
-    rp = sub.add_parser(
-        "replay",
-        help="run policies over a recorded trace: each one's victim, where they disagree",
-        description="Walk a trace; wherever a trigger would have fired (and at every "
-        "snapshot with --every) run each policy, with the history the daemon would have "
-        "had, and report each one's victim and reasons.",
-    )
-    rp.add_argument("file", metavar="FILE", help="a trace from `oomwarden record`")
-    rp.add_argument("--policy", action="append", metavar="SPEC",
-                    help="a policy SPEC; repeat to compare (default: kernel)")
-    rp.add_argument("--every", action="store_true",
-                    help="decide at every snapshot too, in the --cgroup domain (default: the "
-                    "recorded cgroup, or the system)")
-    rp.add_argument("--json", action="store_true", help="one JSON object per point")
-    rp.add_argument("--cgroup", metavar="PATH",
-                    help="only this memory cgroup's domain (as `explain --cgroup` takes it)")
-    rp.add_argument("--trigger", action="append", metavar="SPEC",
-                    help="oom, limit, margin[:PERCENT], threshold[:MEM[:SWAP]], "
-                    "pressure[:full=P][,some=P]; repeat (default: oom, margin:10, "
-                    "threshold:10, pressure:full=40)")
-    rp.add_argument("--top", type=_top, default=5, metavar="N",
-                    help="candidates per decision in --json (default 5)")
 
 
 # -- record -----------------------------------------------------------------------------
@@ -330,8 +241,6 @@ def details_notes(runs: Sequence[PolicyRun], options: Mapping[str, Any]) -> list
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from oomwarden.cli import _out_console, literal  # noqa: PLC0415 (cli imports this)
-
     runs = _runs(args.policy or ["kernel"])
     triggers = parse_triggers(args.trigger or [])
     reader, raw = open_trace(args.file)
@@ -373,7 +282,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.flush()
     else:
-        console = _out_console()
+        console = out_console()
         _print_replay(console, rows, runs, first_ns or 0, literal)
         console.print(f"{snapshots} snapshots, {npoints} points; the policies disagree at "
                       f"{disagree}" if len(runs) > 1 else

@@ -24,6 +24,7 @@ from oomwarden.config import (
     Threshold,
 )
 from oomwarden.errors import OomwardenError
+from oomwarden.limits import MAX_STEPS as MAX_STEPS  # noqa: PLC0414 (a re-export)
 from oomwarden.textfile import (
     KeyLines,
     KeyPath,
@@ -35,8 +36,8 @@ from oomwarden.textfile import (
 
 PAGE = 4096
 MAX_SCENARIO_BYTES = 1 << 20
-#: Bounds that keep a run small and its numbers in range.
-MAX_STEPS = 100_000
+#: Bounds that keep a run small and its numbers in range (and MAX_STEPS, in
+#: oomwarden.limits).
 MAX_PROCESSES = 10_000
 MAX_SIZE = 1 << 50  # 1 PiB
 DEFAULT_STEPS = 300
