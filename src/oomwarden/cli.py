@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import NoReturn
 
 from oomwarden import __version__
-from oomwarden.cli_args import add_simulate_command, add_trace_commands
+from oomwarden.cli_args import add_simulate_command, add_trace_commands, positive, seconds_in
 from oomwarden.config import DEFAULT_CONTROL_SOCKET, default_config, load_config, summarize
 from oomwarden.control import MAX_PID, JsonObject, call
 from oomwarden.daemon import warden_from_config
@@ -55,35 +55,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 <= value <= MAX_WINDOW_S:
-        raise argparse.ArgumentTypeError(f"expected 0 to {MAX_WINDOW_S:g} seconds, got {value}")
-    return value
+_positive = positive
+_seconds = seconds_in(0, MAX_WINDOW_S)
 
 
 def _pid(text: str) -> int:
-    value = _positive(text)
+    value = positive(text)
     if value > MAX_PID:
         raise argparse.ArgumentTypeError(f"expected a pid (1 to {MAX_PID}), got {value}")
     return value
 
 
 def _budget_ms(text: str) -> int:
-    value = _positive(text)
+    value = positive(text)
     if value > MAX_BUDGET_MS:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_BUDGET_MS} ms, got {value}")
     return value

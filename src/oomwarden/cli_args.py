@@ -9,31 +9,58 @@ parser, keeps none of them in its locked memory.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from oomwarden.limits import DEFAULT_LEVEL, MAX_STEPS
 
+# -- value checkers, for every subcommand's arguments (cli.py uses them too) ------------
+
+
+def whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive(text: str) -> int:
+    """A whole number >= 1."""
+    value = whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def int_in(low: int, high: int, shown: str | None = None) -> Callable[[str], int]:
+    """A checker of whole numbers from ``low`` to ``high`` (said as ``shown``)."""
+    def check(text: str) -> int:
+        value = whole_number(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {shown or f'{low} to {high}'}, "
+                                             f"got {value}")
+        return value
+    return check
+
+
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """A checker of seconds from ``low`` to ``high``."""
+    def check(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, "
+                                             f"got {value:g}")
+        return value
+    return check
+
+
 # -- simulate ---------------------------------------------------------------------------
 
-
-def _steps(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_STEPS}, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected 0 to 2^63-1, got {value}")
-    return value
+_steps = int_in(1, MAX_STEPS)
+_seed = int_in(0, 2**63 - 1, "0 to 2^63-1")
 
 
 def add_simulate_command(sub: Any) -> None:
@@ -68,42 +95,10 @@ MAX_INTERVAL_S = 3600.0
 MAX_DURATION_S = 30 * 24 * 3600.0
 
 
-def _interval(text: str) -> float:
-    return _bounded(text, MIN_INTERVAL_S, MAX_INTERVAL_S)
-
-
-def _duration(text: str) -> float:
-    return _bounded(text, MIN_INTERVAL_S, MAX_DURATION_S)
-
-
-def _bounded(text: str, low: float, high: float) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not low <= value <= high:
-        raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, got {value:g}")
-    return value
-
-
-def _level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {text!r}") from None
-    if not 1 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"expected 1 to 9, got {value}")
-    return value
-
-
-def _top(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+_interval = seconds_in(MIN_INTERVAL_S, MAX_INTERVAL_S)
+_duration = seconds_in(MIN_INTERVAL_S, MAX_DURATION_S)
+_level = int_in(1, 9)
+_top = positive
 
 
 def add_trace_commands(sub: argparse._SubParsersAction[Any]) -> None:
