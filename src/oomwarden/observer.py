@@ -35,15 +35,17 @@ import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from oomwarden.errors import BpfError, OomwardenError
 from oomwarden.model import Hierarchy, HierarchyKind
 from oomwarden.sources.bpf import (
     PID_MAX_LIMIT,
+    check_object,
+    libbpf_error,
     libbpf_function,
     libbpf_last_message,
+    object_path,
     trim_heap,
 )
 from oomwarden.sources.cgroupfs import find_hierarchies
@@ -94,10 +96,7 @@ _MIB = 1 << 20
 
 def default_object_path() -> str:
     """$OOMWARDEN_BPF_OBSERVER, else ``observer.bpf.o`` beside the sources."""
-    env = os.environ.get(OBJECT_ENV)
-    if env:
-        return env
-    return str(Path(__file__).resolve().parent / "bpf" / "observer.bpf.o")
+    return object_path(OBJECT_ENV, "observer.bpf.o")
 
 
 # -- the records --------------------------------------------------------------------------
@@ -524,12 +523,6 @@ def _lib() -> dict[str, Any]:
     return {name: libbpf_function(name, args, res) for name, (args, res) in sig.items()}
 
 
-def _reason(what: str, err: int, before: str | None) -> BpfError:
-    last = libbpf_last_message()
-    detail = f": {last}" if last and last != before else ""
-    return BpfError(f"{what}: {os.strerror(err) if err else 'failed'}{detail}")
-
-
 class Observer:
     """The loaded observer: its links, its ring buffer. :meth:`read` drains
     the ring buffer; :meth:`close` destroys every link, frees the ring buffer
@@ -544,8 +537,7 @@ class Observer:
         self.dropped = 0
         #: Optional programs not in use, and why.
         self.missing: dict[str, str] = {}
-        if not os.path.isfile(object_path):
-            raise BpfError(f"no BPF object at {object_path} (build it with `make bpf`)")
+        check_object(object_path)
         self._f = _lib()
         self._callback = _SAMPLE_FN(self._on_sample)
         try:
@@ -557,7 +549,7 @@ class Observer:
             rb = self._f["ring_buffer__new"](ring_fd, ctypes.cast(self._callback, _vp), None,
                                              None)
             if not rb:
-                raise _reason("cannot set up the BPF ring buffer", ctypes.get_errno(), None)
+                raise libbpf_error("cannot set up the BPF ring buffer", ctypes.get_errno(), None)
             self._rb = rb
             self.fd = int(self._f["ring_buffer__epoll_fd"](rb))
         except BaseException:
@@ -569,7 +561,7 @@ class Observer:
         before = libbpf_last_message()
         obj = self._f["bpf_object__open_file"](self.object_path.encode(), None)
         if not obj:
-            raise _reason(f"cannot open BPF object {self.object_path}", ctypes.get_errno(),
+            raise libbpf_error(f"cannot open BPF object {self.object_path}", ctypes.get_errno(),
                           before)
         self._obj = obj
         for name in (MARK_VICTIM, *OPTIONAL):
@@ -592,7 +584,7 @@ class Observer:
         before = libbpf_last_message()
         rc = self._f["bpf_object__load"](self._obj)
         if rc < 0:
-            raise _reason(f"the kernel refused to load {self.object_path}", -rc, before)
+            raise libbpf_error(f"the kernel refused to load {self.object_path}", -rc, before)
         for name in OPTIONAL:
             self.missing[name] = first
 
@@ -604,7 +596,7 @@ class Observer:
             before = libbpf_last_message()
             link = self._f["bpf_program__attach"](prog)
             if not link:
-                return str(_reason("not attached", ctypes.get_errno(), before))
+                return str(libbpf_error("not attached", ctypes.get_errno(), before))
             self._links[name] = link
             return None
 

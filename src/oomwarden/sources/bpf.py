@@ -240,12 +240,7 @@ def _libbpf() -> ctypes.CDLL:
         "libbpf_set_print": ([_c_void_p], _c_void_p),
     }
     for name, (args, res) in signatures.items():
-        try:
-            fn = getattr(lib, name)
-        except AttributeError:
-            raise BpfError(f"libbpf.so.1 lacks {name} (libbpf older than 1.0?)") from None
-        fn.argtypes = args
-        fn.restype = res
+        _typed(lib, name, args, res)
     callback = _PRINT_FN(_on_libbpf_print)
     lib.libbpf_set_print(ctypes.cast(callback, _c_void_p))
     _loaded["callback"] = callback
@@ -253,11 +248,7 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
-def libbpf_function(name: str, argtypes: list[Any], restype: Any) -> Any:
-    """One more libbpf.so.1 function, typed (for the other BPF parts: the
-    observer, struct_ops detection); :class:`BpfError` where the library or
-    the function is missing."""
-    lib = _libbpf()
+def _typed(lib: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
     try:
         fn = getattr(lib, name)
     except AttributeError:
@@ -265,6 +256,13 @@ def libbpf_function(name: str, argtypes: list[Any], restype: Any) -> Any:
     fn.argtypes = argtypes
     fn.restype = restype
     return fn
+
+
+def libbpf_function(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """One more libbpf.so.1 function, typed (for the other BPF parts: the
+    observer, struct_ops detection); :class:`BpfError` where the library or
+    the function is missing."""
+    return _typed(_libbpf(), name, argtypes, restype)
 
 
 def trim_heap() -> None:
@@ -301,17 +299,32 @@ def _on_libbpf_print(level: int, fmt: bytes | None, args: int | None) -> int:
     return 0
 
 
-def _why(what: str, err: int) -> BpfError:
-    detail = f": {_libbpf_messages[-1]}" if _libbpf_messages else ""
+def libbpf_error(what: str, err: int, before: str | None = None) -> BpfError:
+    """``what: strerror(err)``, with libbpf's last warning if it came after
+    ``before`` (the last warning when the call began)."""
+    last = libbpf_last_message()
+    detail = f": {last}" if last and last != before else ""
     return BpfError(f"{what}: {os.strerror(err) if err else 'failed'}{detail}")
+
+
+#: Where ``make bpf`` puts the objects (``src/oomwarden/bpf``), resolved once.
+OBJECT_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+
+def object_path(env: str, name: str) -> str:
+    """``$env`` if set, else the object ``name`` that ``make bpf`` built."""
+    return os.environ.get(env) or str(OBJECT_DIR / name)
+
+
+def check_object(path: str) -> None:
+    """:class:`BpfError` (one line) where there is no object at ``path``."""
+    if not os.path.isfile(path):
+        raise BpfError(f"no BPF object at {path} (build it with `make bpf`)")
 
 
 def default_object_path() -> str:
     """$OOMWARDEN_BPF_OBJECT, else ``tasks.bpf.o`` beside the sources (``make bpf``)."""
-    env = os.environ.get(OBJECT_ENV)
-    if env:
-        return env
-    return str(Path(__file__).resolve().parent.parent / "bpf" / "tasks.bpf.o")
+    return object_path(OBJECT_ENV, "tasks.bpf.o")
 
 
 class TaskIterator:
@@ -324,24 +337,23 @@ class TaskIterator:
         self._link_fd = -1
         #: The tasks of the last passes, by record (read_tasks_bpf).
         self.cache = TaskCache()
-        if not os.path.isfile(object_path):
-            raise BpfError(f"no BPF object at {object_path} (build it with `make bpf`)")
+        check_object(object_path)
         lib = _libbpf()
         _libbpf_messages.clear()
         obj = lib.bpf_object__open_file(object_path.encode(), None)
         if not obj:
-            raise _why(f"cannot open BPF object {object_path}", ctypes.get_errno())
+            raise libbpf_error(f"cannot open BPF object {object_path}", ctypes.get_errno())
         self._obj = obj
         try:
             rc = lib.bpf_object__load(obj)
             if rc < 0:
-                raise _why(f"the kernel refused to load {object_path}", -rc)
+                raise libbpf_error(f"the kernel refused to load {object_path}", -rc)
             prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
             if not prog:
                 raise BpfError(f"{object_path} has no program {PROGRAM}")
             link = lib.bpf_program__attach_iter(prog, None)
             if not link:
-                raise _why("cannot attach the BPF task iterator", ctypes.get_errno())
+                raise libbpf_error("cannot attach the BPF task iterator", ctypes.get_errno())
             self._link = link
             self._link_fd = lib.bpf_link__fd(link)
         except BaseException:

@@ -75,6 +75,7 @@ def choose_source(config: SourceConfig) -> SourceChoice:
         return SourceChoice("procfs")
     try:
         bpf.check_proc_root(config.proc_root)
+        bpf.load(config.bpf_object)
     except BpfError as e:
         if config.source == "bpf":
             raise
@@ -85,12 +86,6 @@ def choose_source(config: SourceConfig) -> SourceChoice:
         if config.source == "bpf":
             raise BpfError(f"cannot open {config.proc_root}: {e.strerror}") from None
         return SourceChoice("procfs")
-    try:
-        bpf.load(config.bpf_object)
-    except BpfError as e:
-        if config.source == "bpf":
-            raise
-        return SourceChoice("procfs", f"BPF snapshot source not used: {e}; using procfs")
     return SourceChoice("bpf")
 
 
