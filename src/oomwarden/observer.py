@@ -51,6 +51,7 @@ from oomwarden.sources.bpf import (
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.sources.procfs import read_system
 from oomwarden.triggers import EPOLLIN, KernelKill, Source
+from oomwarden.units import fmt_bytes
 
 #: ``struct ow_kill`` in observer.bpf.c: little endian, natural alignment.
 RECORD = struct.Struct("<IIQiiIiiiiiQQQqQQqqqqqhHI16s16s")
@@ -91,7 +92,6 @@ MAX_WALK = 20_000
 NAMES_KEPT = 1024
 #: kernfs file handles: FILEID_KERNFS, an 8-byte node id.
 FILEID_KERNFS = 0xFE
-_MIB = 1 << 20
 
 
 def default_object_path() -> str:
@@ -398,10 +398,7 @@ class ObservedKill(KernelKill):
 
 
 def _size(pages: int | None, psize: int) -> str:
-    if pages is None:
-        return "?"
-    value = pages * psize
-    return f"{value / _MIB:.1f} MiB" if value >= _MIB else f"{value // 1024} KiB"
+    return fmt_bytes(None if pages is None else pages * psize)
 
 
 def domain_pages(r: KillRecord, psize: int) -> int | None:
