@@ -48,7 +48,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
+from typing import Literal
 
 import psutil
 
@@ -239,40 +241,27 @@ def _raise_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise Stopped(signum)
 
 
-# -- the two jobs -------------------------------------------------------------
+# -- the jobs -----------------------------------------------------------------
 
 
-def oomwarden_rank() -> int:
+def rank(source: Literal["procfs", "bpf"]) -> int:
     """Full snapshot + kernel ranking of the system domain; tasks seen."""
-    snap = build_snapshot(SourceConfig())
+    snap = build_snapshot(SourceConfig(source=source))
     decision = kernel_decision(snap, system_domain(snap))
     assert len(decision.candidates) == len(snap.tasks)
     return len(snap.tasks)
 
 
-def bpf_rank() -> int:
-    """The same with the BPF task iterator as the task source (docs/bpf.md)."""
-    snap = build_snapshot(SourceConfig(source="bpf"))
-    decision = kernel_decision(snap, system_domain(snap))
-    assert len(decision.candidates) == len(snap.tasks)
-    return len(snap.tasks)
-
-
-def procfs_snapshot() -> int:
-    """The snapshot alone (no ranking), tasks from /proc."""
-    return len(build_snapshot(SourceConfig(source="procfs")).tasks)
-
-
-def bpf_snapshot() -> int:
-    """The snapshot alone, tasks from the BPF iterator; records unchanged since
-    the last pass reuse their tasks (the iterator's TaskCache): warm."""
-    return len(build_snapshot(SourceConfig(source="bpf")).tasks)
+def snapshot_only(source: Literal["procfs", "bpf"]) -> int:
+    """The snapshot alone (no ranking). From BPF, records unchanged since the
+    last pass reuse their tasks (the iterator's TaskCache): warm."""
+    return len(build_snapshot(SourceConfig(source=source)).tasks)
 
 
 def bpf_snapshot_cold() -> int:
-    """The same with the cache emptied first: every record decoded."""
+    """The BPF snapshot with the cache emptied first: every record decoded."""
     bpf_sources.load().cache.clear()
-    return len(build_snapshot(SourceConfig(source="bpf")).tasks)
+    return snapshot_only("bpf")
 
 
 def bpf_available() -> str | None:
@@ -377,8 +366,9 @@ def measure_floor(exe: str, reps: int) -> Timing:
 
 #: The jobs timed against each other, by name; the BPF ones only where it loads.
 JOBS: dict[str, Callable[[], int]] = {
-    "oomwarden": oomwarden_rank, "psutil": psutil_rank, "procfs snap": procfs_snapshot,
-    "bpf": bpf_rank, "bpf snap": bpf_snapshot, "bpf cold": bpf_snapshot_cold,
+    "oomwarden": partial(rank, "procfs"), "psutil": psutil_rank,
+    "procfs snap": partial(snapshot_only, "procfs"), "bpf": partial(rank, "bpf"),
+    "bpf snap": partial(snapshot_only, "bpf"), "bpf cold": bpf_snapshot_cold,
 }
 BPF_JOBS = ("bpf", "bpf snap", "bpf cold")
 
