@@ -71,7 +71,7 @@ from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.control import ControlServer
 from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
-from oomwarden.domains import resolve_cgroup, within
+from oomwarden.domains import mount_relative, resolve_cgroup, within
 from oomwarden.errors import BpfError, ConfigError, ControlError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
 from oomwarden.observer import ObservedKill, ObserverSource
@@ -1743,8 +1743,7 @@ def _cgroup2_twin(path: str) -> str | None:
     for h in hierarchies:
         if h.kind is not HierarchyKind.V2 or not h.verified:
             continue
-        rel = path[len(h.root):] if h.root != "/" and path.startswith(h.root) else path
-        twin = os.path.join(h.mount_point, rel.lstrip("/"))
+        twin = os.path.join(h.mount_point, mount_relative(h.root, path))
         if (os.path.isfile(os.path.join(twin, "memory.pressure"))
                 and is_cgroup_fs(twin, v2=True)):
             return twin

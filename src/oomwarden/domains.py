@@ -14,6 +14,15 @@ def within(path: str | None, top: str) -> bool:
     return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
 
 
+def mount_relative(root: str, path: str) -> str:
+    """Cgroup ``path`` (inside a hierarchy) relative to a mount of that
+    hierarchy whose root is ``root`` (mountinfo's root field), without a
+    leading "/": join it to the mount point for the directory ("" is the
+    mount point itself)."""
+    rel = path[len(root):] if root != "/" and path.startswith(root) else path
+    return rel.lstrip("/")
+
+
 def _normalise(path: str) -> str:
     norm = os.path.normpath("/" + path.strip("/"))
     return "/" if norm in ("/", "//") else norm

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from oomwarden.domains import mount_relative
 from oomwarden.errors import OomwardenError
 from oomwarden.model import HierarchyKind
 from oomwarden.sources.cgroupfs import find_hierarchies
@@ -45,8 +46,7 @@ def own_v1_memcg_dir() -> tuple[Path | None, str]:
     memcg, _ = parse_proc_cgroup(Path("/proc/self/cgroup").read_bytes())
     if memcg is None:
         return None, "this process is in no v1 memory cgroup"
-    rel = memcg[len(h.root):] if h.root != "/" and memcg.startswith(h.root) else memcg
-    path = Path(h.mount_point) / rel.lstrip("/")
+    path = Path(h.mount_point) / mount_relative(h.root, memcg)
     if not path.is_dir() or not is_cgroup_fs(path, v2=False):
         return None, f"own memory cgroup {path} is not a cgroup directory"
     if not os.access(path, os.W_OK):
@@ -183,8 +183,7 @@ def own_v2_cgroup_dir() -> tuple[Path | None, str]:
     _, unified = parse_proc_cgroup(Path("/proc/self/cgroup").read_bytes())
     if unified is None:
         return None, "this process is in no cgroup2 cgroup"
-    rel = unified[len(h.root):] if h.root != "/" and unified.startswith(h.root) else unified
-    path = Path(h.mount_point) / rel.lstrip("/")
+    path = Path(h.mount_point) / mount_relative(h.root, unified)
     if not is_cgroup_fs(path, v2=True):
         return None, f"own cgroup {path} is not a cgroup2 directory"
     if "memory" not in (path / "cgroup.subtree_control").read_text().split():

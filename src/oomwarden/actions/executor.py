@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
-from oomwarden.domains import within
+from oomwarden.domains import mount_relative, within
 from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.model import HierarchyKind
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
@@ -478,9 +478,9 @@ class Executor:
                 control, v2 = "freezer.state", False
             else:
                 continue
-            rel = path[len(m.root):] if m.root != "/" and path.startswith(m.root) else path
-            twin = os.path.join(m.mount_point, rel.lstrip("/"))
-            if (rel.strip("/") and os.path.isfile(os.path.join(twin, control))
+            rel = mount_relative(m.root, path)
+            twin = os.path.join(m.mount_point, rel)
+            if (rel and os.path.isfile(os.path.join(twin, control))
                     and is_cgroup_fs(twin, v2=v2)
                     and sorted(self._members(twin)) == sorted(members)):
                 return twin
