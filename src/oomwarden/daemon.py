@@ -767,23 +767,16 @@ class Warden:
                 del self._fds[fd]
 
     def _drop_source(self, owner: _Watch | _System, src: Source, why: str) -> None:
-        assert self._epoll is not None
         if src not in owner.sources:
             return
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.unregister(src.fd)
-        self._fds.pop(src.fd, None)
+        self._unwatch_fd(src.fd)
         src.close()
         owner.sources.remove(src)
         self._say(f"{owner.name}: {src.trigger} trigger stopped: {why}")
 
     def _drop_watch(self, w: _Watch, why: str) -> None:
-        assert self._epoll is not None
         for fd in [w.event_fd, *(src.fd for src in w.sources)]:
-            if fd >= 0 and fd in self._fds:
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(fd)
-                del self._fds[fd]
+            self._unwatch_fd(fd)
         _close_watch(w)
         w.paused = False
         self.watches.remove(w)
@@ -1391,12 +1384,10 @@ class Warden:
             time.sleep(0.01)
         return self._under_oom(w)
 
-    def _under_oom(self, w: _Watch) -> bool:
-        try:
-            with open(w.oom_control) as f:
-                return "under_oom 1" in f.read()
-        except OSError:
-            return False
+    @staticmethod
+    def _under_oom(w: _Watch) -> bool:
+        control = _oom_control(w)
+        return control is not None and control.under_oom
 
     def _hand_over(self, w: _Watch, why: str) -> None:
         """Let the kernel's killer resolve this OOM; take it back afterwards."""
@@ -1432,12 +1423,10 @@ class Warden:
             if not killed and now - w.quiet_since < TAKE_BACK_QUIET_S:
                 continue
             w.handed_over = False
-            try:
-                if os.stat(w.fs_path).st_ino != w.inode:
-                    continue  # removed and made again: not the cgroup we watch
+            if not _same_cgroup(w):
+                continue  # removed (and perhaps made again): not the cgroup we watch
+            with contextlib.suppress(OSError):
                 self._write_disable(w, "1")
-            except OSError:
-                continue
 
     # -- output ---------------------------------------------------------------------------
 
@@ -1483,8 +1472,7 @@ class Warden:
                                               "cgroup": v.cgroup_path()},
             "queue_entry": head["id"] if head else None, "dry_run": dry})
         what = "would kill" if dry else "killed"
-        if queue is not None and queue.get("head"):
-            head = queue["head"]
+        if head:
             target = (f"pid {head['pid']} ({head['comm']})" if head["kind"] == "process"
                       else f"cgroup {head['cgroup']}")
             self._say(f"{where}: {d.trigger}: queue entry {head['id']}: {target}: "
