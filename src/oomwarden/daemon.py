@@ -1105,11 +1105,8 @@ class Warden:
         # In a dry run the kernel's killer was never paused: by now it has
         # usually acted, and the decision shows what the warden would do next.
         usage_before = _usage(w)
-        snapshot = build_snapshot(self._sources(only=(w.kind.value, w.path), cgroup_stat=False,
-                                               read=self._read_options(w.spec.policy)))
-        cg = next((c for c in snapshot.cgroups
-                   if c.kind is w.kind and c.path == w.path), None)
-        if cg is None or cg.inode != w.inode:
+        snapshot, cg = self._watched_snapshot(w)
+        if cg is None:
             self._hand_over(w, "the watched cgroup changed")
             return
         # The cgroup's tasks are paused while the warden decides: the
@@ -1138,6 +1135,14 @@ class Warden:
         elif self._still_under_oom(w):
             self._hand_over(w, "the actions did not end the OOM")
 
+    def _watched_snapshot(self, w: _Watch) -> tuple[Snapshot, Cgroup | None]:
+        """A snapshot of the watched cgroup's subtree only, and the watched
+        cgroup in it (None: not there, or another cgroup now: another inode)."""
+        snapshot = build_snapshot(self._sources(only=(w.kind.value, w.path), cgroup_stat=False,
+                                               read=self._read_options(w.spec.policy)))
+        cg = snapshot.cgroup(w.kind, w.path)
+        return snapshot, cg if cg is not None and cg.inode == w.inode else None
+
     def _act(self, owner: _Watch | _System, trigger: str, detail: str,
              term_only: bool = False) -> None:
         """A pre-OOM trigger fired: decide and act, unless the domain's
@@ -1154,12 +1159,8 @@ class Warden:
             confine = None
         else:
             usage_before = _usage(owner)
-            snapshot = build_snapshot(self._sources(only=(owner.kind.value, owner.path),
-                                                   cgroup_stat=False,
-                                                   read=self._read_options(policy)))
-            cg = next((c for c in snapshot.cgroups
-                       if c.kind is owner.kind and c.path == owner.path), None)
-            if cg is None or cg.inode != owner.inode:
+            snapshot, cg = self._watched_snapshot(owner)
+            if cg is None:
                 if not _same_cgroup(owner):
                     self._drop_watch(owner, "the cgroup is gone")
                 else:
