@@ -28,7 +28,7 @@ from oomwarden.control import (
     check_queue_share,
     check_remove,
 )
-from oomwarden.domains import resolve_cgroup, within
+from oomwarden.domains import memory_hierarchy, resolve_cgroup, within
 from oomwarden.errors import OomwardenError
 from oomwarden.model import HierarchyKind
 from oomwarden.policy.budget import signal_guard
@@ -90,12 +90,9 @@ class WardenControl:
         """The hierarchy that has the memory controller (where a queued
         process's cgroup is read): v2 where a cgroup2 hierarchy has it."""
         try:
-            hierarchies = find_hierarchies()
+            return memory_hierarchy(find_hierarchies())
         except OomwardenError:
             return HierarchyKind.V1
-        if any(h.kind is HierarchyKind.V2 and h.has_memory for h in hierarchies):
-            return HierarchyKind.V2
-        return HierarchyKind.V1
 
     def victim_add(self, request: VictimAdd, peer: Peer) -> JsonObject:
         queue = self.w.queue

@@ -71,7 +71,7 @@ from oomwarden.config import Config, Pressure, Threshold
 from oomwarden.control import ControlServer
 from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
-from oomwarden.domains import mount_relative, resolve_cgroup, within
+from oomwarden.domains import memory_hierarchy, mount_relative, resolve_cgroup, within
 from oomwarden.errors import BpfError, ConfigError, ControlError, OomwardenError
 from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot, SystemMemory
 from oomwarden.observer import ObservedKill, ObserverSource
@@ -1582,14 +1582,6 @@ SUPPORTED = {"v1": ("oom", "pressure", "margin"),
              "system": ("threshold", "pressure", "oom")}
 
 
-def memory_hierarchy(snapshot: Snapshot) -> HierarchyKind:
-    """Where the memory controller is: v2 where a cgroup2 hierarchy has it,
-    else the v1 memory hierarchy (hybrid hosts, as here)."""
-    if any(h.kind is HierarchyKind.V2 and h.has_memory for h in snapshot.hierarchies):
-        return HierarchyKind.V2
-    return HierarchyKind.V1
-
-
 def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
     """The daemon for a validated config. A cgroup domain is on the hierarchy
     that has the memory controller; a glob is expanded over its cgroups that
@@ -1602,7 +1594,7 @@ def warden_from_config(config: Config, *, dry_run: bool = False) -> Warden:
             kind = "system"
         else:
             snapshot = snapshot or build_snapshot(SourceConfig())
-            kind = memory_hierarchy(snapshot).value
+            kind = memory_hierarchy(snapshot.hierarchies).value
         for trigger in w.triggers:
             if trigger not in SUPPORTED[kind]:
                 why = ("cgroup v1 has no memory.events (use 'oom', 'pressure' or 'margin')"

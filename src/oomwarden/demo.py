@@ -32,7 +32,7 @@ from pathlib import Path
 from rich.console import Console
 
 from oomwarden.cli import main as cli_main
-from oomwarden.daemon import memory_hierarchy
+from oomwarden.domains import memory_hierarchy
 from oomwarden.model import HierarchyKind
 from oomwarden.sandbox import (
     ChildMemcg,
@@ -44,7 +44,7 @@ from oomwarden.sandbox import (
     start_warden,
     stop_warden,
 )
-from oomwarden.sources.snapshot import SourceConfig, build_snapshot
+from oomwarden.sources.cgroupfs import find_hierarchies
 
 MiB = 1024 * 1024
 LIMIT_MIB = 512
@@ -57,7 +57,7 @@ def _confined(console: Console) -> int:
     if os.geteuid() != 0:
         console.print("the warden part of the demo needs root: run `sudo make demo`")
         return 0
-    v2 = memory_hierarchy(build_snapshot(SourceConfig())) is HierarchyKind.V2
+    v2 = memory_hierarchy(find_hierarchies()) is HierarchyKind.V2
     parent, why = own_v2_cgroup_dir() if v2 else own_v1_memcg_dir()
     if parent is None:
         hint = ("on cgroup v2 a cgroup holding processes (a session scope) cannot give "

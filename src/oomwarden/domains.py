@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from oomwarden.errors import CgroupNotFound
-from oomwarden.model import Cgroup, HierarchyKind, Snapshot
+from oomwarden.model import Cgroup, Hierarchy, HierarchyKind, Snapshot
 
 
 def within(path: str | None, top: str) -> bool:
     """Whether cgroup ``path`` is ``top`` or below it (paths inside one
     hierarchy; ``top`` "/" holds every path). None (unknown) is not."""
     return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
+
+
+def memory_hierarchy(hierarchies: Iterable[Hierarchy]) -> HierarchyKind:
+    """Where the memory controller is: v2 where a cgroup2 hierarchy has it,
+    else the v1 memory hierarchy (hybrid hosts, as here)."""
+    if any(h.kind is HierarchyKind.V2 and h.has_memory for h in hierarchies):
+        return HierarchyKind.V2
+    return HierarchyKind.V1
 
 
 def mount_relative(root: str, path: str) -> str:
