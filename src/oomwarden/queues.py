@@ -185,10 +185,6 @@ class VictimQueue:
         with contextlib.suppress(OSError):
             os.close(entry.pidfd if isinstance(entry, ProcessEntry) else entry.dirfd)
 
-    def by_pidfd(self, fd: int) -> ProcessEntry | None:
-        return next((e for e in self.entries
-                     if isinstance(e, ProcessEntry) and e.pidfd == fd), None)
-
     def exited(self, entry: ProcessEntry) -> None:
         """The entry's pidfd became readable: its process is gone."""
         self._drop(entry)
@@ -228,9 +224,6 @@ class VictimQueue:
         if inode != entry.inode:
             return f"cgroup {entry.path} was removed (made again: another inode)"
         return None
-
-    def pidfds(self) -> list[int]:
-        return [e.pidfd for e in self.entries if isinstance(e, ProcessEntry)]
 
     def sizes(self) -> dict[str, int]:
         out: dict[str, int] = {}
