@@ -33,6 +33,7 @@ of its own, and the engine then kills only the process (it never kills "/").
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -126,6 +127,15 @@ class _Units:
             return f"pid:{task.pid}"
         return path
 
+    @functools.cached_property
+    def oomd_limits(self) -> tuple[int, int]:
+        """oomd's size threshold (OOMD_SIZE_THRESHOLD_PERCENT of all units'
+        total) and growth floor (the smallest size in the top
+        ``100 - OOMD_GROWING_SIZE_PERCENTILE`` %)."""
+        sizes = sorted(self.size.values(), reverse=True)
+        nth = max(0, math.ceil(len(sizes) * (100 - OOMD_GROWING_SIZE_PERCENTILE) / 100) - 1)
+        return sum(sizes) * OOMD_SIZE_THRESHOLD_PERCENT // 100, sizes[nth] if sizes else 0
+
     def ratio(self, key: str) -> float | None:
         if not self.known_then:
             return None
@@ -149,24 +159,12 @@ def _unit_cache() -> Callable[[Context], _Units]:
 
 def _oomd_growth() -> Callable[[Task, Context], Verdict]:
     units_of = _unit_cache()
-    thresholds: list[tuple[Context, int, int]] = []
-
-    def limits(ctx: Context, u: _Units) -> tuple[int, int]:
-        if thresholds and thresholds[0][0] is ctx:
-            return thresholds[0][1], thresholds[0][2]
-        sizes = sorted(u.size.values(), reverse=True)
-        total = sum(sizes)
-        size_threshold = total * OOMD_SIZE_THRESHOLD_PERCENT // 100
-        nth = max(0, math.ceil(len(sizes) * (100 - OOMD_GROWING_SIZE_PERCENTILE) / 100) - 1)
-        growth_floor = sizes[nth] if sizes else 0
-        thresholds[:] = [(ctx, size_threshold, growth_floor)]
-        return size_threshold, growth_floor
 
     def evaluate(task: Task, ctx: Context) -> Verdict:
         u = units_of(ctx)
         key = u.key(task)
         size = u.size[key]
-        size_threshold, growth_floor = limits(ctx, u)
+        size_threshold, growth_floor = u.oomd_limits
         shown = fmt_bytes(size * ctx.page_size)
         if size >= size_threshold:
             return select(_BAND_TOP + min(size, _BAND_MID - 1),
