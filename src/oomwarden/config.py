@@ -41,21 +41,21 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 import os
 import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, NoReturn, cast
+from typing import Literal, cast
 
 from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
 from oomwarden.textfile import (
-    KeyLines,
     KeyPath,
-    one_line,
+    TomlChecker,
+    num_text,
+    printable,
     read_text_file,
     toml_error_message,
     type_name,
@@ -284,7 +284,7 @@ def load_config(path: str, *, check_owner: bool | None = None,
     the files root writes and the policies root runs. ``cap_sys_resource``
     (None: this process's) decides which PSI windows the kernel takes.
     """
-    where = _show(path)
+    where = printable(path)
     if not path:
         raise ConfigError("config file: empty path")
     if check_owner is None:
@@ -312,14 +312,14 @@ def _check_owner(where: str, info: os.stat_result, path: str) -> None:
         try:
             st = os.stat(directory)
         except OSError as e:
-            raise ConfigError(f"config file {where}: its directory {_show(directory)} cannot "
+            raise ConfigError(f"config file {where}: its directory {printable(directory)} cannot "
                               f"be read: {e.strerror or e}") from None
         if st.st_uid != 0:
-            raise ConfigError(f"config file {where} is in {_show(directory)}, owned by uid "
+            raise ConfigError(f"config file {where} is in {printable(directory)}, owned by uid "
                               f"{st.st_uid}, not root: read as root, a config file's "
                               "directory must be owned by root")
         if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise ConfigError(f"config file {where} is in {_show(directory)}, writable by "
+            raise ConfigError(f"config file {where} is in {printable(directory)}, writable by "
                               f"{_writers(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o}): "
                               "read as root, a config file's directory must be writable by "
                               "root only (or sticky)")
@@ -352,22 +352,15 @@ def parse_config(text: str, source: str, *, base_dir: str | None = None,
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise _toml_error(str(e), text, _show(source)) from None
+        raise ConfigError(toml_error_message(str(e), text, printable(source))) from None
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(source))
     if cap_sys_resource is None:
         cap_sys_resource = has_cap_sys_resource()
-    return _Checker(_show(source), text, base_dir, cap_sys_resource).config(data)
-
-
-
-
-def _toml_error(message: str, text: str, source: str) -> ConfigError:
-    return ConfigError(toml_error_message(message, text, source))
+    return _Checker(printable(source), text, base_dir, cap_sys_resource).config(data)
 
 
 # -- checking -----------------------------------------------------------------------------
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,17 +384,13 @@ class _Checked:
     high_guard_percent: float | None
 
 
-class _Checker:
+class _Checker(TomlChecker):
+    error = ConfigError
+
     def __init__(self, source: str, text: str, base_dir: str, cap_sys_resource: bool) -> None:
-        self.source = source
-        self.lines = KeyLines(text)
+        super().__init__(source, text)
         self.base_dir = base_dir
         self.cap_sys_resource = cap_sys_resource
-
-    def fail(self, path: KeyPath, message: str) -> NoReturn:
-        """Raise the one-line error for the key at ``path`` (its label is the
-        start of ``message``)."""
-        raise ConfigError(one_line(f"{self.source}:{self.lines.line(path)}: {message}"))
 
     # the file
     def config(self, data: Mapping[str, object]) -> Config:
@@ -636,8 +625,8 @@ class _Checker:
             values.setdefault(kill, values[term] / 2)
             if values[kill] > values[term]:
                 self.fail((*here, kill if kill in table else term),
-                          f"{name}.{kill}: {_num(values[kill])} is above {term} "
-                          f"({_num(values[term])}); the SIGKILL level must be at or below the "
+                          f"{name}.{kill}: {num_text(values[kill])} is above {term} "
+                          f"({num_text(values[term])}); the SIGKILL level must be at or below the "
                           "SIGTERM level")
         return Threshold(**values)
 
@@ -663,7 +652,7 @@ class _Checker:
                                  PSI_WINDOW_S_RANGE)
             step = UNPRIVILEGED_PSI_WINDOW_STEP_S
             if not self.cap_sys_resource and window % step:
-                self.fail((*here, "window_s"), f"{name}.window_s: {_num(window)} is not a "
+                self.fail((*here, "window_s"), f"{name}.window_s: {num_text(window)} is not a "
                           f"multiple of {step}; without CAP_SYS_RESOURCE (absent here) the "
                           f"kernel takes only PSI windows of {step}, 4, 6, 8 or 10 s")
         return Pressure(some_avg10=some, full_avg10=full, window_s=window)
@@ -678,14 +667,10 @@ class _Checker:
 
     def number(self, path: KeyPath, label: str, value: object, bounds: tuple[float, float],
                integer: bool = False) -> float:
-        lo, hi = bounds
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-                integer and not isinstance(value, int)):
-            kind = "a whole number" if integer else "a number"
-            self.fail(path, f"{label}: expected {kind}, got {type_name(value)}")
-        if not lo <= value <= hi:  # NaN too
-            self.fail(path, f"{label}: {_num(value)} is outside {_num(lo)}..{_num(hi)}")
-        return value if integer else float(value)
+        """A number in a config is a float (an int as written too), unless
+        ``integer``."""
+        n = super().number(path, label, value, bounds, integer)
+        return n if integer else float(n)
 
     # the policy, once the rest is known to be right
     def resolve(self, spec: str) -> tuple[str, PolicyKind]:
@@ -737,9 +722,9 @@ def describe_policy(watch: Watch) -> str:
     if p.kernel:
         shape = "per-task, the kernel's own choice"
     if watch.policy_kind == "built-in":
-        return f"{_show(p.name)} (built-in, {shape})"
+        return f"{printable(p.name)} (built-in, {shape})"
     what = "Python policy" if watch.policy_kind == "python" else "rules file"
-    return f"{_show(p.name)} ({what} {_show(watch.policy_spec)}, {shape})"
+    return f"{printable(p.name)} ({what} {printable(watch.policy_spec)}, {shape})"
 
 
 def describe_triggers(watch: Watch) -> str:
@@ -748,17 +733,17 @@ def describe_triggers(watch: Watch) -> str:
         if t == "threshold" and watch.threshold is not None:
             th = watch.threshold
             parts.append(f"threshold (SIGTERM at MemAvailable <= "
-                         f"{_num(th.mem_available_percent)}% and SwapFree <= "
-                         f"{_num(th.swap_free_percent)}%, SIGKILL at <= "
-                         f"{_num(th.mem_available_kill_percent)}% and <= "
-                         f"{_num(th.swap_free_kill_percent)}%)")
+                         f"{num_text(th.mem_available_percent)}% and SwapFree <= "
+                         f"{num_text(th.swap_free_percent)}%, SIGKILL at <= "
+                         f"{num_text(th.mem_available_kill_percent)}% and <= "
+                         f"{num_text(th.swap_free_kill_percent)}%)")
         elif t == "pressure" and watch.pressure is not None:
             ps = watch.pressure
-            levels = [f"{k} >= {_num(v)}%" for k, v in (("some", ps.some_avg10),
+            levels = [f"{k} >= {num_text(v)}%" for k, v in (("some", ps.some_avg10),
                                                        ("full", ps.full_avg10)) if v is not None]
-            parts.append(f"pressure ({' or '.join(levels)} over {_num(ps.window_s)} s)")
+            parts.append(f"pressure ({' or '.join(levels)} over {num_text(ps.window_s)} s)")
         elif t == "margin" and watch.margin_percent is not None:
-            parts.append(f"margin (working set within {_num(watch.margin_percent)}% of the "
+            parts.append(f"margin (working set within {num_text(watch.margin_percent)}% of the "
                          "limit)")
         else:
             parts.append(t)
@@ -785,8 +770,8 @@ def summarize(config: Config) -> list[str]:
              if config.builtin_default else f"config {config.source}")
     n = len(config.watches)
     lines = [f"{where}: {n} watch{'es' if n != 1 else ''}",
-             f"decision log: {_show(config.decision_log)}",
-             f"control socket: {_show(config.control_socket)}",
+             f"decision log: {printable(config.decision_log)}",
+             f"control socket: {printable(config.control_socket)}",
              f"policy budget: {config.budget_ms} ms per decision"]
     for w in config.watches:
         at = f" (line {w.line})" if w.line else ""
@@ -797,31 +782,17 @@ def summarize(config: Config) -> list[str]:
             f"{w.name}{at}: domain {w.domain.spec}{glob}",
             f"  triggers: {describe_triggers(w)}",
             f"  policy: {describe_policy(w)}",
-            f"  victim: {victim}; cooldown: {_num(w.cooldown_s)} s; "
+            f"  victim: {victim}; cooldown: {num_text(w.cooldown_s)} s; "
             f"dry run: {'yes' if w.dry_run else 'no'}",
             f"  kill: {kill}",
         ]
         if w.high_guard_percent is not None:
-            lines.append(f"  memory.high guard: {_num(w.high_guard_percent)}% below memory.max "
+            lines.append(f"  memory.high guard: {num_text(w.high_guard_percent)}% below memory.max "
                          "(cgroup v2; restored on exit)")
     return lines
 
 
 # -- small helpers ------------------------------------------------------------------------
-
-def _show(text: str) -> str:
-    """A path or name as one printable line."""
-    return text if text.isprintable() else repr(text)[1:-1]
-
-
-def _num(value: float) -> str:
-    """0 -> ``0``, 0.1 -> ``0.1``, 600.0 -> ``600``, nan -> ``nan``."""
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
-            return str(int(value))
-        return repr(value)
-    return str(value)
-
 
 def _unknown(key: str, known: tuple[str, ...], prefix: str = "") -> str:
     options = [prefix + k for k in known]

@@ -1,5 +1,6 @@
-"""An operator's small TOML file (a config, a rules file): read safely, and
-its errors told in one line with the line of the key at fault.
+"""An operator's small TOML file (a config, a rules file, a scenario): read
+safely, checked, and its errors told in one line with the line of the key at
+fault (:class:`TomlChecker` is what every file's checker starts from).
 
 Opened without blocking (a FIFO cannot hang the load), only a regular file,
 at most ``max_bytes`` (a typo pointing at a log or a device is not read
@@ -10,10 +11,12 @@ caller's own error class.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import stat
 from collections.abc import Callable
+from typing import NoReturn
 
 from oomwarden.errors import OomwardenError
 
@@ -96,6 +99,21 @@ def key_on_line(line: str) -> str:
     if eq and head.strip():
         return re.sub(r"\s*\.\s*", ".", head.strip())
     return ""
+
+
+def printable(text: str) -> str:
+    """A path or name as one printable line (its repr, unquoted, if it has
+    a non-printable character)."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def num_text(value: float) -> str:
+    """0 -> ``0``, 0.1 -> ``0.1``, 600.0 -> ``600``, nan -> ``nan``."""
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value)
+    return str(value)
 
 
 def type_name(value: object) -> str:
@@ -303,3 +321,37 @@ class KeyLines:
                 self.pos += 1
             if self.pos == start:
                 raise ValueError("expected a value")
+
+
+# -- checking a parsed file ----------------------------------------------------------------
+
+
+class TomlChecker:
+    """What checking a parsed TOML file needs everywhere: an error that names
+    the file and the line of the key at fault, and numbers within bounds.
+    A subclass sets ``error``, its own error class."""
+
+    error: type[OomwardenError] = OomwardenError
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.lines = KeyLines(text)
+
+    def fail(self, path: KeyPath, message: str) -> NoReturn:
+        """Raise the one-line error for the key at ``path`` (its label is the
+        start of ``message``)."""
+        raise self.error(one_line(f"{self.source}:{self.lines.line(path)}: {message}"))
+
+    def number(self, path: KeyPath, label: str, value: object, bounds: tuple[float, float],
+               integer: bool = False) -> float:
+        """``value`` as given (an int stays an int), if it is a number (a whole
+        one with ``integer``) within ``bounds``."""
+        lo, hi = bounds
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                integer and not isinstance(value, int)):
+            kind = "a whole number" if integer else "a number"
+            self.fail(path, f"{label}: expected {kind}, got {type_name(value)}")
+        if not lo <= value <= hi:  # NaN too
+            self.fail(path, f"{label}: {num_text(value)} is outside {num_text(lo)}.."
+                      f"{num_text(hi)}")
+        return value

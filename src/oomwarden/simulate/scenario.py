@@ -14,11 +14,15 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn, cast
+from typing import Literal, cast
 
 from oomwarden.config import (
+    DEFAULT_MARGIN_PERCENT,
     EARLYOOM_PERCENT,
+    MARGIN_PERCENT_RANGE,
+    PERCENT_RANGE,
     PRESSURE_KEYS,
+    PSI_PERCENT_RANGE,
     THRESHOLD_KEYS,
     Pressure,
     Threshold,
@@ -26,9 +30,9 @@ from oomwarden.config import (
 from oomwarden.errors import OomwardenError
 from oomwarden.limits import MAX_STEPS as MAX_STEPS  # noqa: PLC0414 (a re-export)
 from oomwarden.textfile import (
-    KeyLines,
     KeyPath,
-    one_line,
+    TomlChecker,
+    printable,
     read_text_file,
     toml_error_message,
     type_name,
@@ -45,7 +49,6 @@ DEFAULT_STEP_SECONDS = 1.0
 DEFAULT_LATENCY_STEPS = 2
 DEFAULT_COOLDOWN_STEPS = 5
 DEFAULT_HISTORY_STEPS = 5
-DEFAULT_MARGIN_PERCENT = 5.0
 DEFAULT_RECOVERY_STEPS = 10
 #: The memory fill (share of the limit) at which the pressure model starts to
 #: report stalls: reclaim begins well before the limit.
@@ -178,7 +181,7 @@ def parse_size(value: object) -> int | None:
 
 def load_scenario(path: str) -> Scenario:
     text = read_text_file(path, what="scenario file", max_bytes=MAX_SCENARIO_BYTES,
-                          error=ScenarioError, where=_show(path))
+                          error=ScenarioError, where=printable(path))
     return parse_scenario(text, path, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
@@ -186,30 +189,18 @@ def parse_scenario(text: str, source: str, *, base_dir: str | None = None) -> Sc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ScenarioError(toml_error_message(str(e), text, _show(source))) from None
+        raise ScenarioError(toml_error_message(str(e), text, printable(source))) from None
     if base_dir is None:
         base_dir = os.path.dirname(os.path.abspath(source))
-    return _Checker(_show(source), text, base_dir).scenario(data)
+    return _Checker(printable(source), text, base_dir).scenario(data)
 
 
-def _show(text: str) -> str:
-    return text if text.isprintable() else repr(text)[1:-1]
+class _Checker(TomlChecker):
+    error = ScenarioError
 
-
-def _num(value: float) -> str:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return str(value)
-
-
-class _Checker:
     def __init__(self, source: str, text: str, base_dir: str) -> None:
-        self.source = source
-        self.lines = KeyLines(text)
+        super().__init__(source, text)
         self.base_dir = base_dir
-
-    def fail(self, path: KeyPath, message: str) -> NoReturn:
-        raise ScenarioError(one_line(f"{self.source}:{self.lines.line(path)}: {message}"))
 
     # generic values
     def table(self, path: KeyPath, label: str, value: object, keys: tuple[str, ...]
@@ -235,18 +226,8 @@ class _Checker:
                 self.fail((key, i), f"{key}[{i + 1}]: expected a table, got {type_name(item)}")
         return cast("list[Mapping[str, object]]", value)
 
-    def number(self, path: KeyPath, label: str, value: object, lo: float, hi: float,  # noqa: PLR0917
-               integer: bool = False) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or (
-                integer and not isinstance(value, int)):
-            kind = "a whole number" if integer else "a number"
-            self.fail(path, f"{label}: expected {kind}, got {type_name(value)}")
-        if not lo <= value <= hi:
-            self.fail(path, f"{label}: {_num(value)} is outside {_num(lo)}..{_num(hi)}")
-        return value
-
     def integer(self, path: KeyPath, label: str, value: object, lo: int, hi: int) -> int:
-        return int(self.number(path, label, value, lo, hi, integer=True))
+        return int(self.number(path, label, value, (lo, hi), integer=True))
 
     def size(self, path: KeyPath, label: str, value: object) -> int:
         n = parse_size(value)
@@ -287,7 +268,7 @@ class _Checker:
         steps = self.integer(("scenario", "steps"), "scenario.steps",
                              head.get("steps", DEFAULT_STEPS), 1, MAX_STEPS)
         step_s = self.number(("scenario", "step_seconds"), "scenario.step_seconds",
-                             head.get("step_seconds", DEFAULT_STEP_SECONDS), 0.001, 3600.0)
+                             head.get("step_seconds", DEFAULT_STEP_SECONDS), (0.001, 3600.0))
         seed = self.integer(("scenario", "seed"), "scenario.seed", head.get("seed", 0),
                             0, 2**63 - 1)
         recovery = self.integer(("scenario", "recovery_steps"), "scenario.recovery_steps",
@@ -334,7 +315,7 @@ class _Checker:
             tmpfs.append(TmpfsSpec(
                 p, self.size(("tmpfs", i, "size"), f"{label}.size", t.get("size", 0)),
                 self.number(("tmpfs", i, "importance"), f"{label}.importance",
-                            t.get("importance", 0), 0, 1e9)))
+                            t.get("importance", 0), (0, 1e9))))
         processes = self.processes(data, cgroups, tmpfs, steps)
         if not processes:
             self.fail((), "process: no [[process]]; a scenario needs at least one")
@@ -387,7 +368,7 @@ class _Checker:
             for key in THRESHOLD_KEYS:
                 if key in t:
                     values[key] = self.number((*here, key), f"warden.threshold.{key}", t[key],
-                                              0.0, 100.0)
+                                              PERCENT_RANGE)
             for figure in ("mem_available", "swap_free"):
                 term, kill = f"{figure}_percent", f"{figure}_kill_percent"
                 values.setdefault(term, EARLYOOM_PERCENT)
@@ -396,7 +377,8 @@ class _Checker:
                     self.fail((*here, kill), f"warden.threshold.{kill}: above {term}")
             threshold = Threshold(**values)
         margin = self.number(("warden", "margin_percent"), "warden.margin_percent",
-                             w.get("margin_percent", DEFAULT_MARGIN_PERCENT), 0.1, 50.0)
+                             w.get("margin_percent", DEFAULT_MARGIN_PERCENT),
+                             MARGIN_PERCENT_RANGE)
         pressure = Pressure()
         if "pressure" in w:
             here = ("warden", "pressure")
@@ -404,17 +386,17 @@ class _Checker:
             some = full = None
             if "some_avg10" in p:
                 some = self.number((*here, "some_avg10"), "warden.pressure.some_avg10",
-                                   p["some_avg10"], 0.01, 100.0)
+                                   p["some_avg10"], PSI_PERCENT_RANGE)
             if "full_avg10" in p:
                 full = self.number((*here, "full_avg10"), "warden.pressure.full_avg10",
-                                   p["full_avg10"], 0.01, 100.0)
+                                   p["full_avg10"], PSI_PERCENT_RANGE)
             if "window_s" in p:
                 self.fail((*here, "window_s"), "warden.pressure.window_s: the simulator's "
                           "window is warden.latency_steps")
             pressure = Pressure(some_avg10=some, full_avg10=full) if (some or full) else (
                 Pressure())
         start = self.number(("warden", "pressure_start"), "warden.pressure_start",
-                            w.get("pressure_start", DEFAULT_PRESSURE_START), 0.0, 0.999)
+                            w.get("pressure_start", DEFAULT_PRESSURE_START), (0.0, 0.999))
         return WardenSpec(triggers, latency, cooldown, history, threshold, float(margin),
                           pressure, float(start))
 
@@ -468,7 +450,7 @@ class _Checker:
                 else f"/usr/bin/{name}",
                 "cgroup": cgroup, "parent": parent,
                 "importance": float(self.number(at("importance"), f"{label}.importance",
-                                                t.get("importance", 1), 0, 1e9)),
+                                                t.get("importance", 1), (0, 1e9))),
                 "oom_score_adj": self.integer(at("oom_score_adj"), f"{label}.oom_score_adj",
                                               t.get("oom_score_adj", 0), -1000, 1000),
                 "start": self.integer(at("start"), f"{label}.start", t.get("start", 0), 0,
@@ -476,7 +458,7 @@ class _Checker:
                 "profile": prof,
                 "size": self.size(at("size"), f"{label}.size", t["size"]),
                 "jitter": float(self.number(at("jitter"), f"{label}.jitter",
-                                            t.get("jitter", 0), 0, 0.5)),
+                                            t.get("jitter", 0), (0, 0.5))),
             }
             for key in ("rate", "spike_size", "peak", "child_size"):
                 if key in t:
@@ -488,7 +470,7 @@ class _Checker:
             if "child_importance" in t:
                 kw["child_importance"] = float(self.number(
                     at("child_importance"), f"{label}.child_importance",
-                    t["child_importance"], 0, 1e9))
+                    t["child_importance"], (0, 1e9)))
             self.requires(path, label, t, prof)
             if prof == "sawtooth" and cast("int", kw.get("peak", 0)) < cast("int", kw["size"]):
                 self.fail(at("peak"), f"{label}.peak: below size")
