@@ -337,10 +337,15 @@ class _Kept:
 def history_for(now: Snapshot, earlier: Sequence[Snapshot]) -> Snapshot | None:
     """The daemon's rule: the newest earlier snapshot at least HISTORY_S
     older than ``now``; else the oldest there is."""
-    for old in reversed(earlier):
-        if now.taken_ns - old.taken_ns >= HISTORY_S * 1e9:
-            return old
-    return earlier[0] if earlier else None
+    return earlier[_history_index(now, earlier)] if earlier else None
+
+
+def _history_index(now: Snapshot, earlier: Sequence[Snapshot]) -> int:
+    """Where :func:`history_for` finds its snapshot in ``earlier`` (0 if none)."""
+    for i in range(len(earlier) - 1, -1, -1):
+        if now.taken_ns - earlier[i].taken_ns >= HISTORY_S * 1e9:
+            return i
+    return 0
 
 
 def replay(records: Iterable[TraceRecord], policies: Sequence[PolicyRun], *,
@@ -361,7 +366,8 @@ def replay(records: Iterable[TraceRecord], policies: Sequence[PolicyRun], *,
         snap = rec.snapshot
         if target is None and (cgroup is not None or recorded is not None):
             target = _target(snap, cgroup, recorded)
-        hist = history_for(snap, earlier)
+        at = _history_index(snap, earlier)
+        hist = earlier[at] if earlier else None
         fires = fired(rec.index, snap, None if last is None else last.record.snapshot,
                       triggers, system=target is None and recorded is None,
                       cgroups=None if cgroup is None or target is None else [target])
@@ -372,15 +378,10 @@ def replay(records: Iterable[TraceRecord], policies: Sequence[PolicyRun], *,
                                target=target)
         pending = [f for f in fires if f.index == rec.index]
         last = _Kept(rec, hist)
+        # keep what a later history may need: this snapshot's history and
+        # everything newer
+        del earlier[:at]
         earlier.append(snap)
-        # keep what a later history may need: everything newer than the
-        # newest snapshot already HISTORY_S old, and that one
-        keep_from = 0
-        for i in range(len(earlier) - 1, -1, -1):
-            if snap.taken_ns - earlier[i].taken_ns >= HISTORY_S * 1e9:
-                keep_from = i
-                break
-        del earlier[:keep_from]
     if last is not None:
         yield from _points(last, pending, policies, budget_s=budget_s, guard=guard,
                            every=every, target=target)
