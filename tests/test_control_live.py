@@ -40,10 +40,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oomwarden.control import ERROR_CODES, OPS, request
-from test_daemon import config, decisions
+from test_daemon import config
 
 from conftest import need
-from kernelenv import ChildMemcg, MemcgFactory
+from kernelenv import ChildMemcg, MemcgFactory, Warden, decisions
 
 pytestmark = pytest.mark.kernel
 
@@ -88,42 +88,20 @@ def cg(memcg_factory: MemcgFactory) -> ChildMemcg:
     return memcg_factory.create(limit_bytes=256 * MiB)
 
 
-class LiveWarden:
-    """``oomwarden run`` on one child memcg, serving the control socket at
-    ``socket_path``. Its stderr goes to a file (nothing can block the daemon
-    on a full pipe, however much the fuzzer makes it log)."""
+class LiveWarden(Warden):
+    """``oomwarden run`` on one child memcg (a dry run unless told), serving
+    the control socket at ``socket_path``; made once it watches."""
 
     def __init__(self, tmp_path: Path, cg: ChildMemcg, socket_path: str, *,
                  dry_run: bool = True) -> None:
         self.socket = socket_path
-        self.config = config(tmp_path, cg)
-        self.log = tmp_path / "decisions.jsonl"
-        self.err = tmp_path / "warden.err"
-        with open(self.err, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(self.config),
-                 "--state-file", str(tmp_path / "paused.json"),
-                 *(["--dry-run"] if dry_run else []), "--socket", socket_path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        super().__init__(config(tmp_path, cg), *(["--dry-run"] if dry_run else []),
+                         "--socket", socket_path, stop_s=15.0)
         try:
-            self.wait_for("watching 1 memory cgroup")
+            self.wait_for("watching 1 memory cgroup", timeout=30.0)
         except BaseException:
             self.stop()
             raise
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def wait_for(self, needle: str, timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
-        while needle not in self.text():
-            assert self.proc.poll() is None, f"the warden exited: {self.text()}"
-            assert time.monotonic() < end, f"no {needle!r} from the warden: {self.text()}"
-            time.sleep(0.05)
 
     def ask(self, obj: dict[str, Any]) -> dict[str, Any]:
         return request(self.socket, obj, timeout_s=WAIT_S)
@@ -148,16 +126,6 @@ class LiveWarden:
             if n == last or time.monotonic() > end:
                 return n
             last = n
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 @contextlib.contextmanager

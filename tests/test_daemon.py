@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -23,57 +22,10 @@ from pathlib import Path
 import pytest
 
 from conftest import need
-from kernelenv import ChildMemcg, Hog, MemcgFactory, remove_cgroup_dir
+from kernelenv import ChildMemcg, Hog, MemcgFactory, Warden, decisions, remove_cgroup_dir
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024
-
-
-class Warden:
-    def __init__(self, config: Path, *extra: str) -> None:
-        self.state_file = config.parent / "paused.json"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
-             "--state-file", str(self.state_file), "--socket", "none", *extra],
-            stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self._seen = 0
-        self._partial = b""
-
-    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
-        """The next line holding ``needle`` (read from the raw pipe: no lines
-        can hide in a buffer)."""
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            while self._seen < len(self.lines):
-                line = self.lines[self._seen]
-                self._seen += 1
-                if needle in line:
-                    return line
-            if time.monotonic() > deadline:
-                break
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                *done, self._partial = (self._partial + chunk).split(b"\n")
-                self.lines.extend(d.decode(errors="replace") for d in done)
-        raise AssertionError(f"no {needle!r} from the warden: {chr(10).join(self.lines)}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
 
 
 def config(tmp_path: Path, cg: ChildMemcg, policy: str = "kernel", extra: str = "") -> Path:
@@ -88,13 +40,6 @@ policy = "{policy}"
 """)
     path.chmod(0o644)
     return path
-
-
-def decisions(tmp_path: Path) -> list[dict[str, object]]:
-    log = tmp_path / "decisions.jsonl"
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line]
 
 
 def oom_control(cg: ChildMemcg) -> dict[str, int]:

@@ -35,10 +35,10 @@ from oomwarden.observer import CgroupNames, ObservedKill, ObserverSource
 from oomwarden.sources import bpf as bpf_source
 from oomwarden.sources.cgroupfs import find_hierarchies
 from oomwarden.triggers import KernelKill
-from test_daemon import Warden, config, decisions
+from test_daemon import config
 
 from conftest import need
-from kernelenv import MemcgFactory
+from kernelenv import MemcgFactory, Warden, decisions
 
 MiB = 1 << 20
 PSIZE = os.sysconf("SC_PAGE_SIZE")

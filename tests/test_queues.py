@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from oomwarden.control import RequestError, call
-from test_daemon import GROWER_MIB, Warden, config, decisions, oom_control, scene, wait_dead
+from test_daemon import GROWER_MIB, config, oom_control, scene, wait_dead
 
-from kernelenv import ChildMemcg, MemcgFactory, remove_cgroup_dir
+from kernelenv import ChildMemcg, MemcgFactory, Warden, decisions, remove_cgroup_dir
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024

@@ -28,10 +28,10 @@ from oomwarden.replay import (
 from oomwarden.sources.procfs import ReadOptions
 from oomwarden.sources.snapshot import SourceConfig, build_snapshot
 from oomwarden.trace import TraceRecord, TraceStats, open_trace, read_trace
-from test_daemon import Warden, config, decisions, wait_dead
+from test_daemon import config, wait_dead
 
 from conftest import need
-from kernelenv import MemcgFactory
+from kernelenv import MemcgFactory, Warden, decisions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PAGE = 4096

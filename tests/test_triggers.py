@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 
 from oomwarden.triggers import KmsgSource, parse_oom_kill
-from test_daemon import Warden, decisions
 
 from conftest import need
-from kernelenv import ChildMemcg, MemcgFactory, TwinFactory
+from kernelenv import ChildMemcg, MemcgFactory, TwinFactory, Warden, decisions
 
 pytestmark = pytest.mark.kernel
 MiB = 1024 * 1024

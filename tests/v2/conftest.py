@@ -8,7 +8,9 @@ by hand on the host they skip, and in the guest a missing capability fails
 
 Nothing here imports ``tests/conftest.py`` by name: pytest loads every
 ``conftest.py`` as the module ``conftest``, so that name is ambiguous below
-``tests/``; :func:`v2env.need` has the same rule as its ``need``.
+``tests/``; :func:`v2env.need` has the same rule as its ``need``. Plain
+helper modules of ``tests/`` (``kernelenv``: the warden as a subprocess) are
+shared: the guest has the whole project folder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parents[1]))
 
 from v2env import V2Factory, need, own_v2_cgroup_dir
 

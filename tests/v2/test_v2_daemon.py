@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from oomwarden.sandbox import ChildMemcg
 
+from kernelenv import Warden, decisions
 from v2env import MiB, V2Factory, events, need, wait_until
 
 pytestmark = pytest.mark.kernel
@@ -26,58 +26,12 @@ pytestmark = pytest.mark.kernel
 START_S = 180.0
 
 
-class Warden:
-    """``oomwarden run`` as a subprocess, its stderr read line by line."""
-
-    def __init__(self, tmp_path: Path, watch: str, *extra: str) -> None:
-        self.log = tmp_path / "decisions.jsonl"
-        config = tmp_path / "oomwarden.toml"
-        config.write_text(f'decision_log = "{self.log}"\n\n[[watch]]\n{watch}\n')
-        config.chmod(0o644)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
-             "--state-file", str(tmp_path / "paused.json"), "--socket", "none", *extra],
-            stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self._partial = b""
-        self._seen = 0
-
-    def wait_for(self, needle: str, timeout: float = 60.0) -> str:
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            while self._seen < len(self.lines):
-                line = self.lines[self._seen]
-                self._seen += 1
-                if needle in line:
-                    return line
-            if time.monotonic() > deadline:
-                break
-            if select.select([fd], [], [], 0.2)[0]:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                *done, self._partial = (self._partial + chunk).split(b"\n")
-                self.lines.extend(d.decode(errors="replace") for d in done)
-        raise AssertionError(f"no {needle!r} from the warden:\n" + "\n".join(self.lines))
-
-    def records(self) -> list[dict[str, object]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+def run_warden(tmp_path: Path, watch: str, *extra: str) -> Warden:
+    """The warden on this ``[[watch]]`` table, its decision log in ``tmp_path``."""
+    config = tmp_path / "oomwarden.toml"
+    config.write_text(f'decision_log = "{tmp_path / "decisions.jsonl"}"\n\n[[watch]]\n{watch}\n')
+    config.chmod(0o644)
+    return Warden(config, *extra, stop_s=60.0, kill_s=10.0)
 
 
 def domain(cg: ChildMemcg) -> str:
@@ -92,7 +46,7 @@ def test_the_leaker_dies_the_database_lives_and_the_kernel_never_kills(
     kernel's oom_kill stays 0, and memory.high is back to "max" afterwards."""
     cg = v2_factory.create(256 * MiB)
     database = cg.start_hog(100, name="database")
-    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["oom", "margin"]\n'
+    warden = run_warden(tmp_path, f'{domain(cg)}\ntriggers = ["oom", "margin"]\n'
                     'policy = "growth"\nmargin_percent = 25\nhigh_guard_percent = 20')
     try:
         warden.wait_for("watching 1 memory cgroup (margin, oom)", timeout=START_S)
@@ -107,7 +61,7 @@ def test_the_leaker_dies_the_database_lives_and_the_kernel_never_kills(
     finally:
         assert warden.stop() == 0
     assert cg.read("memory.high").strip() == "max"
-    kills = [r for r in warden.records() if r["victim"]]
+    kills = [r for r in decisions(tmp_path) if r["victim"]]
     assert kills[0]["trigger"] in ("margin", "events", "pressure")
     assert kills[0]["victim"]["pid"] == leaker.pid  # type: ignore[index]
 
@@ -122,7 +76,7 @@ def test_an_oom_group_dies_whole_through_cgroup_kill(v2_factory: V2Factory,
     group = v2_factory.create(inside=parent, oom_group=True)
     other = v2_factory.create(inside=parent)
     members = [group.start_hog(80), group.start_hog(80)]
-    warden = Warden(tmp_path, f'{domain(parent)}\ntriggers = ["margin"]\npolicy = "kernel"\n'
+    warden = run_warden(tmp_path, f'{domain(parent)}\ntriggers = ["margin"]\npolicy = "kernel"\n'
                     "margin_percent = 20")
     try:
         warden.wait_for("watching 1 memory cgroup (margin)", timeout=START_S)
@@ -134,7 +88,7 @@ def test_an_oom_group_dies_whole_through_cgroup_kill(v2_factory: V2Factory,
         wait_until("the group emptied", lambda: "populated 0" in group.read("cgroup.events"))
     finally:
         assert warden.stop() == 0
-    (record,) = [r for r in warden.records() if r["victim"]]
+    (record,) = [r for r in decisions(tmp_path) if r["victim"]]
     (result,) = record["results"]  # type: ignore[misc]
     assert result["action"] == "kill_cgroup" and "cgroup.kill on" in result["detail"]
     assert events(parent)["oom_kill"] == 0
@@ -145,7 +99,7 @@ def test_a_dry_run_logs_the_kernels_kill(v2_factory: V2Factory, tmp_path: Path) 
     kill with its victim (from /dev/kmsg), so no kill goes unexplained."""
     need(os.access("/dev/kmsg", os.R_OK), "/dev/kmsg is not readable")
     cg = v2_factory.create(64 * MiB)
-    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"',
+    warden = run_warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"',
                     "--dry-run")
     try:
         warden.wait_for("watching 1 memory cgroup (events)", timeout=START_S)
@@ -154,7 +108,7 @@ def test_a_dry_run_logs_the_kernels_kill(v2_factory: V2Factory, tmp_path: Path) 
         warden.wait_for(f"the kernel killed pid {grower.pid} ", timeout=60)
     finally:
         assert warden.stop() == 0
-    kills = [r for r in warden.records() if r["trigger"] == "kernel_kill"]
+    kills = [r for r in decisions(tmp_path) if r["trigger"] == "kernel_kill"]
     assert kills and kills[0]["victim"]["pid"] == grower.pid  # type: ignore[index]
 
 
@@ -162,7 +116,7 @@ def test_the_watchdog_restores_memory_high_when_the_warden_dies(
         v2_factory: V2Factory, tmp_path: Path) -> None:
     cg = v2_factory.create(128 * MiB)
     cg.write("memory.high", str(120 * MiB))
-    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"\n'
+    warden = run_warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"\n'
                     "high_guard_percent = 10")
     try:
         warden.wait_for("watching 1 memory cgroup (events)", timeout=START_S)
@@ -202,7 +156,7 @@ def test_page_cache_at_the_limit_is_no_reason_to_kill(v2_factory: V2Factory,
          f"    fd = os.open({str(data)!r}, os.O_RDONLY)\n"
          "    while os.read(fd, 1 << 20): pass\n"
          "    os.close(fd)\n"])
-    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["oom"]\npolicy = "kernel"')
+    warden = run_warden(tmp_path, f'{domain(cg)}\ntriggers = ["oom"]\npolicy = "kernel"')
     try:
         warden.wait_for("watching 1 memory cgroup (oom)", timeout=START_S)
         wait_until("page cache filled the cgroup",
@@ -214,7 +168,7 @@ def test_page_cache_at_the_limit_is_no_reason_to_kill(v2_factory: V2Factory,
         reader.wait(timeout=30)
         data.unlink(missing_ok=True)
         assert warden.stop() == 0
-    assert [r for r in warden.records() if r["victim"]] == []
+    assert [r for r in decisions(tmp_path) if r["victim"]] == []
 
 
 def test_every_kill_of_an_oom_group_is_logged(v2_factory: V2Factory, tmp_path: Path) -> None:
@@ -223,7 +177,7 @@ def test_every_kill_of_an_oom_group_is_logged(v2_factory: V2Factory, tmp_path: P
     memory.events count, so the logged kills add up to oom_kill."""
     cg = v2_factory.create(96 * MiB, oom_group=True)
     sleepers = [v2_factory.start_sleeper(cg), v2_factory.start_sleeper(cg)]
-    warden = Warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"',
+    warden = run_warden(tmp_path, f'{domain(cg)}\ntriggers = ["events"]\npolicy = "kernel"',
                     "--dry-run")
     try:
         warden.wait_for("watching 1 memory cgroup (events)", timeout=START_S)
@@ -233,9 +187,9 @@ def test_every_kill_of_an_oom_group_is_logged(v2_factory: V2Factory, tmp_path: P
             assert s.wait(timeout=30) == -signal.SIGKILL
         killed = events(cg)["oom_kill"]
         wait_until("every kill logged", lambda: sum(
-            int(r["kernel_kills"]) for r in warden.records()  # type: ignore[call-overload]
+            int(r["kernel_kills"]) for r in decisions(tmp_path)  # type: ignore[call-overload]
             if r["trigger"] == "kernel_kill") >= killed, timeout=30)
     finally:
         assert warden.stop() == 0
-    logged = [r for r in warden.records() if r["trigger"] == "kernel_kill"]
+    logged = [r for r in decisions(tmp_path) if r["trigger"] == "kernel_kill"]
     assert sum(int(r["kernel_kills"]) for r in logged) == killed  # type: ignore[call-overload]
