@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, cast
 
+from oomwarden.control import MAX_SOCKET_PATH_BYTES
 from oomwarden.errors import ConfigError, OomwardenError
 from oomwarden.policy.api import VICTIM_KINDS, Policy, VictimKind
 from oomwarden.policy.registry import builtins, load_policy
@@ -96,8 +97,6 @@ MARGIN_PERCENT_RANGE = (0.1, 50.0)
 HIGH_GUARD_PERCENT_RANGE = (0.1, 50.0)
 #: A config file larger than this is refused (a typo naming a log or a device).
 MAX_CONFIG_BYTES = 1 << 20
-#: ``sockaddr_un.sun_path`` holds 108 bytes with the final NUL.
-MAX_SOCKET_PATH_BYTES = 107
 
 TOP_KEYS = ("decision_log", "control_socket", "budget_ms", "watch")
 WATCH_KEYS = ("domain", "triggers", "policy", "victim", "sigterm_grace_ms", "cooldown_s",

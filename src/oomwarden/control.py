@@ -56,6 +56,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from oomwarden import textfile
 from oomwarden.errors import ControlError
 
 JsonObject = dict[str, Any]
@@ -285,8 +286,7 @@ class ControlHandler(Protocol):
 
 def one_line(text: str, limit: int = 500) -> str:
     """A message as one printable line, at most ``limit`` characters."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = textfile.one_line(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
