@@ -6,7 +6,6 @@ Real-kernel tests skip where a capability is missing, except under
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,18 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from kernelenv import ChildMemcg, MemcgFactory, TwinFactory, own_v1_memcg_dir
+from kernelenv import ChildMemcg, MemcgFactory, TwinFactory, need, own_v1_memcg_dir
 
-REQUIRE_KERNEL = os.environ.get("OOMWARDEN_REQUIRE_KERNEL") == "1"
-
-
-def need(condition: bool, why: str) -> None:
-    """Skip (or, in CI, fail) a real-kernel test whose capability is missing."""
-    if condition:
-        return
-    if REQUIRE_KERNEL:
-        pytest.fail(f"OOMWARDEN_REQUIRE_KERNEL=1 but {why}")
-    pytest.skip(why)
+__all__ = ["need"]  # ``from conftest import need`` in the tests
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def twin_factory(memcg_factory: MemcgFactory) -> Iterator[TwinFactory]:
     """Twins of child memcgs in the cgroup2 or freezer hierarchy. Torn down
     before memcg_factory: its cleanup (which stops the processes started in
     the memcgs) runs here first, so that the emptied twins can be removed."""
-    factory = TwinFactory(need)
+    factory = TwinFactory()
     try:
         yield factory
     finally:

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from oomwarden.sandbox import (
     ChildMemcg,
@@ -25,8 +26,21 @@ from oomwarden.sandbox import (
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_mountinfo, parse_proc_cgroup, v1_controllers
 
-__all__ = ["ChildMemcg", "Hog", "MemcgFactory", "TwinFactory", "Warden", "decisions",
+__all__ = ["ChildMemcg", "Hog", "MemcgFactory", "TwinFactory", "Warden", "decisions", "need",
            "own_v1_memcg_dir", "remove_cgroup_dir"]
+
+REQUIRE_KERNEL = os.environ.get("OOMWARDEN_REQUIRE_KERNEL") == "1"
+
+
+def need(condition: bool, why: str) -> None:
+    """Skip (or, under ``OOMWARDEN_REQUIRE_KERNEL=1``, set by ``.ci/run`` and
+    always in the VM lane's guest, fail) a real-kernel test whose capability
+    is missing."""
+    if condition:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"OOMWARDEN_REQUIRE_KERNEL=1 but {why}")
+    pytest.skip(why)
 
 
 class Warden:
@@ -110,9 +124,7 @@ class TwinFactory:
     trees alike on hybrid hosts. Made only below this process's own cgroup in
     that hierarchy; only the directories made here are removed, afterwards."""
 
-    def __init__(self, need: Callable[[bool, str], None]) -> None:
-        #: conftest's ``need``: skip, or fail under OOMWARDEN_REQUIRE_KERNEL=1.
-        self.need = need
+    def __init__(self) -> None:
         self.made: list[Path] = []
 
     @staticmethod
@@ -134,7 +146,6 @@ class TwinFactory:
         return None
 
     def make(self, cg: ChildMemcg, kind: str) -> Path:
-        need = self.need
         found = self.mount(kind)
         need(found is not None, f"no verified {kind} hierarchy with this process in it")
         assert found is not None

@@ -8,9 +8,8 @@ by hand on the host they skip, and in the guest a missing capability fails
 
 Nothing here imports ``tests/conftest.py`` by name: pytest loads every
 ``conftest.py`` as the module ``conftest``, so that name is ambiguous below
-``tests/``; :func:`v2env.need` has the same rule as its ``need``. Plain
-helper modules of ``tests/`` (``kernelenv``: the warden as a subprocess) are
-shared: the guest has the whole project folder.
+``tests/``. Its plain helper modules are shared (the guest has the whole
+project folder): ``kernelenv`` has ``need`` and the warden as a subprocess.
 """
 
 from __future__ import annotations

@@ -16,23 +16,12 @@ import re
 import time
 from collections.abc import Callable
 
-import pytest
-
 from oomwarden.sandbox import ChildMemcg, V2Factory, own_v2_cgroup_dir
 from oomwarden.sources.parse import parse_flat_keyed
 
+from kernelenv import need
+
 MiB = 1024 * 1024
-REQUIRE_KERNEL = os.environ.get("OOMWARDEN_REQUIRE_KERNEL") == "1"
-
-
-def need(condition: bool, why: str) -> None:
-    """Skip a test whose capability is missing; fail instead under
-    ``OOMWARDEN_REQUIRE_KERNEL=1`` (always set in the VM lane's guest)."""
-    if condition:
-        return
-    if REQUIRE_KERNEL:
-        pytest.fail(f"OOMWARDEN_REQUIRE_KERNEL=1 but {why}")
-    pytest.skip(why)
 
 
 def events(cg: ChildMemcg, name: str = "memory.events") -> dict[str, int]:
