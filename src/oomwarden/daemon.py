@@ -407,6 +407,7 @@ class Warden:
                               f"{e.strerror}") from None
         try:
             snapshot = build_snapshot(self._sources())
+            self._warm_up(snapshot)
             for spec in self.specs:
                 self.watches.append(self._watch(spec, snapshot))
             for sys_spec in self.systems:
@@ -499,9 +500,7 @@ class Warden:
 
     def _protect_self(self) -> None:
         """Lock the warden's memory and exempt it from the kernel's killer,
-        where permitted; say once where not. Then warm up: one decision per
-        policy on the current snapshot, so that nothing is imported or first
-        compiled on the OOM path."""
+        where permitted; say once where not."""
         if self.lock_memory and _libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
             self._warn_once("mlock", "cannot lock its memory (mlockall: "
                             f"{os.strerror(ctypes.get_errno())}): it may be paged out")
@@ -511,7 +510,10 @@ class Warden:
         except OSError as e:
             self._warn_once("adj", f"cannot set its oom_score_adj to -1000 ({e.strerror}; "
                             "CAP_SYS_RESOURCE is missing): the kernel may kill the warden")
-        snapshot = build_snapshot(self._sources())
+
+    def _warm_up(self, snapshot: Snapshot) -> None:
+        """One decision per policy on the start's snapshot, so that nothing
+        is imported or first compiled on the OOM path."""
         policies = [s.policy for s in self.specs] + [t.policy for t in self.systems]
         for policy in {id(p): p for p in policies}.values():
             # bounded: a slow policy must not hold up the start
