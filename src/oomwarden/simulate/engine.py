@@ -280,9 +280,6 @@ class Simulation:
 
     # -- memory state -----------------------------------------------------------------------
 
-    def _alive(self) -> list[_Proc]:
-        return [p for p in self.procs if p.alive]
-
     def _state(self) -> tuple[int, int, int]:
         """(demand, RAM used, swap used) now."""
         proc_mem = sum(p.mem for p in self.procs if p.alive)
@@ -448,8 +445,7 @@ class Simulation:
         for path in self.cg_psi:
             share = 0.0
             if total_growth:
-                share = sum(g for cg, g in grown.items()
-                            if cg == path or cg.startswith(path.rstrip("/") + "/")) / total_growth
+                share = sum(g for cg, g in grown.items() if _under(cg, path)) / total_growth
             here = stall * (0.25 + 0.75 * share)
             self.cg_psi[path] += a * (here - self.cg_psi[path])
 
@@ -539,7 +535,7 @@ class Simulation:
                 r.tmpfs_series[fs].append(size)
             if on_step is not None:
                 on_step()
-        demand, ram, _ = self._state()
+        _, ram, _ = self._state()
         r.final_usage = self.usage
         r.recovered = (ram < self.sc.limit and self._triggered() is None
                        and (last_kernel < 0 or self.steps - 1 - last_kernel
