@@ -589,13 +589,6 @@ class TraceStats:
     first_tasks: int = 0
 
     @property
-    def bytes_per_kilotask(self) -> float | None:
-        """Bytes per snapshot per 1,000 tasks."""
-        if not self.snapshots or not self.tasks:
-            return None
-        return self.bytes_written * 1000 / self.tasks
-
-    @property
     def steady_bytes_per_kilotask(self) -> float | None:
         """Bytes per snapshot per 1,000 tasks after the first snapshot (which
         holds every item in full, after the header): what a long recording

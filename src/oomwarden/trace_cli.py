@@ -86,7 +86,7 @@ def _stoppable() -> Iterator[_Stop]:
         os.close(wfd)
 
 
-def _progress(stats: TraceStats, err: TextIO, path: str) -> str:
+def _progress(stats: TraceStats, path: str) -> str:
     per = stats.steady_bytes_per_kilotask
     ms = statistics.median(stats.seconds) * 1000 if stats.seconds else 0.0
     mean = stats.tasks / stats.snapshots if stats.snapshots else 0
@@ -160,9 +160,9 @@ def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
                 stats.bytes_written = writer.bytes_written
                 now = time.monotonic()
                 if terminal:
-                    progress.write("\r" + _progress(stats, err, args.out) + "\x1b[K")
+                    progress.write("\r" + _progress(stats, args.out) + "\x1b[K")
                 elif now - shown_at >= PLAIN_PROGRESS_S or stats.snapshots == 1:
-                    progress.write("oomwarden: recording " + _progress(stats, err, args.out)
+                    progress.write("oomwarden: recording " + _progress(stats, args.out)
                                    + "\n")
                     shown_at = now
                 next_at += args.interval
@@ -180,7 +180,7 @@ def cmd_record(args: argparse.Namespace, err: TextIO | None = None) -> int:
             stats.bytes_written = writer.bytes_written
     if terminal:
         progress.write("\n")
-    progress.write(f"oomwarden: recorded {_progress(stats, err, args.out)}; "
+    progress.write(f"oomwarden: recorded {_progress(stats, args.out)}; "
                    f"{time.monotonic() - started:.1f} s ({reason})\n")
     return 0
 
