@@ -98,6 +98,7 @@ from oomwarden.triggers import (
     Source,
     TriggerError,
     TriggerGone,
+    V1EventSource,
     V2MarginSource,
 )
 from oomwarden.watchdog import (
@@ -274,9 +275,8 @@ class _Watch:
     kind: HierarchyKind = HierarchyKind.V1
     #: v2 memory.high guard: the value to write back on exit (None: not set).
     high_restore: str | None = None
-    #: The ``oom`` trigger's eventfd and memory.oom_control fd (-1: no ``oom``).
+    #: The ``oom`` trigger's eventfd (-1: no ``oom``).
     event_fd: int = -1
-    control_fd: int = -1
     sources: list[Source] = field(default_factory=list)
     paused: bool = False  # we set oom_kill_disable=1
     handed_over: bool = False
@@ -683,14 +683,7 @@ class Warden:
 
     @staticmethod
     def _watch_oom(w: _Watch) -> None:
-        control_fd = os.open(w.oom_control, os.O_RDONLY | os.O_CLOEXEC)
-        event_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        w.event_fd, w.control_fd = event_fd, control_fd
-        try:
-            with open(os.path.join(w.fs_path, "cgroup.event_control"), "w") as f:
-                f.write(f"{event_fd} {control_fd}")
-        except OSError as e:
-            raise DaemonError(f"cannot set up OOM events: {e.strerror}") from None
+        w.event_fd = V1EventSource.register(w.fs_path, "memory.oom_control", "")
 
     def _cgroup_pressure(self, w: _Watch, pressure: Pressure) -> list[Source]:
         """PSI from the cgroup2 twin where there is one, else vmpressure."""
@@ -1567,11 +1560,10 @@ class Warden:
 
 
 def _close_watch(w: _Watch) -> None:
-    for fd in (w.event_fd, w.control_fd):
-        if fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    w.event_fd = w.control_fd = -1
+    if w.event_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(w.event_fd)
+    w.event_fd = -1
     for src in w.sources:
         src.close()
     w.sources.clear()
