@@ -141,12 +141,17 @@ class Result:
     def importance_lost(self) -> float:
         return round(math.fsum(k.importance for k in self.kills), 6)
 
+    @property
+    def process_kills(self) -> list[Kill]:
+        """The processes lost (not the tmpfs emptied)."""
+        return [k for k in self.kills if k.what == "process"]
+
     def to_json(self) -> dict[str, Any]:
+        procs = self.process_kills
         return {
             "policy": self.policy,
-            "kills": sum(1 for k in self.kills if k.what == "process"),
-            "warden_kills": sum(1 for k in self.kills if k.by == "warden"
-                                and k.what == "process"),
+            "kills": len(procs),
+            "warden_kills": sum(1 for k in procs if k.by == "warden"),
             "kernel_kills": sum(1 for k in self.kills if k.by == "kernel"),
             "tmpfs_deleted": sum(1 for k in self.kills if k.what == "tmpfs"),
             "importance_lost": self.importance_lost,

@@ -116,7 +116,7 @@ def table(c: Comparison) -> Table:
     t.add_column("victims (step:name, w=warden k=kernel)", overflow="fold")
     best = min(r.importance_lost for r in c.results)
     for r in c.results:
-        procs = [k for k in r.kills if k.what == "process"]
+        procs = r.process_kills
         style = "bold green" if r.importance_lost == best else None
         tmpfs = sum(1 for k in r.kills if k.what == "tmpfs")
         kills = str(len(procs)) + (f" +{tmpfs} tmpfs" if tmpfs else "")
@@ -185,7 +185,7 @@ def plot(c: Comparison, path: str) -> None:
             before = r.usage[k.step - 1] if 0 < k.step <= len(r.usage) else 0
             ax.plot([k.step], [before / gib],
                     marker="x", color=color, markersize=7, linestyle="none")
-        ax.set_title(f"{r.policy}: {sum(1 for k in r.kills if k.what == 'process')} kills, "
+        ax.set_title(f"{r.policy}: {len(r.process_kills)} kills, "
                      f"importance lost {r.importance_lost:g}, {r.steps_at_limit} steps at the "
                      f"limit (x: blue warden, red kernel)", fontsize=9, loc="left")
         ax.set_ylabel("GiB")
