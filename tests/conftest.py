@@ -6,7 +6,10 @@ Real-kernel tests skip where a capability is missing, except under
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,3 +54,16 @@ def twin_factory(memcg_factory: MemcgFactory) -> Iterator[TwinFactory]:
 @pytest.fixture
 def child_memcg(memcg_factory: MemcgFactory) -> ChildMemcg:
     return memcg_factory.create(limit_bytes=512 * 1024 * 1024)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for control sockets (``sun_path`` holds 107 bytes),
+    0755 so that a test's ``nobody`` client can reach them; removed afterwards
+    with whatever is left in it."""
+    d = tempfile.mkdtemp(prefix="ow-", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

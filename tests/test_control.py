@@ -18,11 +18,9 @@ import functools
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -287,17 +285,6 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> 
     while not cond():
         assert time.monotonic() < end, f"not within {timeout} s: {what}"
         time.sleep(0.01)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory (sun_path holds 107 bytes) that nobody may enter."""
-    d = tempfile.mkdtemp(prefix="owc-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,18 +68,6 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> 
     while not cond():
         assert time.monotonic() < end, f"not within {timeout} s: {what}"
         time.sleep(0.02)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    """A short directory for the socket (0755: nobody may reach it), removed
-    afterwards with whatever is left in it."""
-    d = tempfile.mkdtemp(prefix="ow-", dir="/tmp")
-    os.chmod(d, 0o755)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,12 +10,9 @@ always stopped; its control socket lives in a short temporary directory.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +27,8 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def sock() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="ow-", dir="/tmp")
-    try:
-        yield os.path.join(directory, "c.sock")
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+def sock(sockdir: Path) -> str:
+    return str(sockdir / "c.sock")
 
 
 @pytest.fixture
