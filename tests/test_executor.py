@@ -32,9 +32,10 @@ MiB = 1024 * 1024
 
 TREE = r"""
 import os, sys, time
-procs, depth = sys.argv[1], int(sys.argv[2])
-with open(procs, "w") as f:
-    f.write(str(os.getpid()))
+depth = int(sys.argv[1])
+for procs in sys.argv[2:]:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
 def spawn(level):
     for _ in range(3):
         if os.fork() == 0:
@@ -154,11 +155,23 @@ def test_sigterm_first_then_sigkill(memcg_factory: MemcgFactory) -> None:
         stubborn.wait(timeout=5)
 
 
-def _tree(cg: ChildMemcg, depth: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-c", TREE, str(cg.path / "cgroup.procs"),
-                             str(depth)], stdout=subprocess.PIPE)
+def _tree(cg: ChildMemcg, depth: int, *twins: Path) -> subprocess.Popen[bytes]:
+    """A process with 3 children a level, ``depth`` levels down (the deeper
+    ones still forking when it returns), in the memcg and in each twin."""
+    proc = subprocess.Popen([sys.executable, "-c", TREE, str(depth), str(cg.path / "cgroup.procs"),
+                             *(str(t / "cgroup.procs") for t in twins)], stdout=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
     return proc
+
+
+def _end_tree(root: subprocess.Popen[bytes], cg: ChildMemcg) -> None:
+    """Kill what is left of a tree: the root, then every process in its memcg
+    (all started by this test: the memcg is its own)."""
+    root.kill()
+    root.wait(timeout=5)
+    for pid in cg.pids():
+        os.kill(pid, 9)
+    wait_gone(cg.pids())
 
 
 def test_kill_a_process_tree_sparing_one(memcg_factory: MemcgFactory) -> None:
@@ -178,11 +191,7 @@ def test_kill_a_process_tree_sparing_one(memcg_factory: MemcgFactory) -> None:
         assert wait_gone([p for p in members if p not in (spared, root.pid)])
         assert alive(spared)
     finally:
-        root.kill()
-        root.wait(timeout=5)
-        for pid in cg.pids():  # only the spared child of this test is left
-            os.kill(pid, 9)
-        wait_gone(cg.pids())
+        _end_tree(root, cg)  # only the spared child of this test is left
 
 
 def test_kill_a_v1_cgroup_one_by_one(memcg_factory: MemcgFactory) -> None:
@@ -295,45 +304,22 @@ def test_hooks_get_argv_no_shell_and_the_victim() -> None:
     assert not ex.execute(RunHook(("/no/such/program",))).ok
 
 
-FORKER = r"""
-import os, sys, time
-for procs in sys.argv[1:]:
-    with open(procs, "w") as f:
-        f.write(str(os.getpid()))
-for _ in range(4):
-    if os.fork() == 0:
-        time.sleep(60)
-        os._exit(0)
-print("ready", flush=True)
-time.sleep(60)
-"""
-
-
-def _forker(cg: ChildMemcg, *twins: Path) -> subprocess.Popen[bytes]:
-    """A process and 4 children, in the memcg and in each twin."""
-    proc = subprocess.Popen([sys.executable, "-c", FORKER, str(cg.path / "cgroup.procs"),
-                             *(str(t / "cgroup.procs") for t in twins)], stdout=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-    return proc
-
-
 def test_a_v1_cgroup_is_killed_through_its_cgroup2_twin(
         memcg_factory: MemcgFactory, twin_factory: TwinFactory) -> None:
     """A v1 memcg has no cgroup.kill; its cgroup2 twin holding exactly the
     same processes kills them all at once."""
     cg = memcg_factory.create(limit_bytes=256 * MiB)
     twin = twin_factory.make(cg, "v2")
-    root = _forker(cg, twin)
+    root = _tree(cg, 1, twin)
     try:
         members = cg.pids()
-        assert len(members) == 5
+        assert len(members) == 1 + 3
         r = Executor().execute(KillCgroup("v1", cg.hierarchy_path, cg.path.stat().st_ino))
         assert r.ok and "cgroup.kill on" in r.detail and "cgroup2 twin" in r.detail, r
         assert r.exited and sorted(r.killed) == sorted(members)
         assert root.wait(timeout=5) == -9 and cg.pids() == []
     finally:
-        root.kill()
-        root.wait(timeout=5)
+        _end_tree(root, cg)
 
 
 @pytest.mark.parametrize("kind", ["v2", "freezer"])
@@ -344,7 +330,7 @@ def test_a_twin_freezes_the_cgroup_before_a_kill_one_by_one(
     thawed."""
     cg = memcg_factory.create(limit_bytes=256 * MiB)
     twin = twin_factory.make(cg, kind)
-    root = _forker(cg, twin)
+    root = _tree(cg, 1, twin)
     try:
         members = cg.pids()
         spared = next(p for p in members if p != root.pid)
@@ -362,8 +348,4 @@ def test_a_twin_freezes_the_cgroup_before_a_kill_one_by_one(
         else:
             assert (twin / "freezer.state").read_text().strip() == "THAWED"
     finally:
-        root.kill()
-        root.wait(timeout=5)
-        for pid in cg.pids():  # only the spared child of this test is left
-            os.kill(pid, 9)
-        wait_gone(cg.pids())
+        _end_tree(root, cg)  # only the spared child of this test is left
