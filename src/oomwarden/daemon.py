@@ -812,17 +812,20 @@ class Warden:
             elif signum == signal.SIGHUP:
                 self._reload_wanted = True
 
+        def restore_signals() -> None:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            os.close(read_end)
+            os.close(write_end)
+
         old_wakeup = signal.set_wakeup_fd(write_end)
         for s in previous:
             signal.signal(s, wake)
         try:
             self.start()
         except BaseException:
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            os.close(read_end)
-            os.close(write_end)
+            restore_signals()
             raise
         self._epoll = select.epoll()
         self._register(read_end, select.EPOLLIN, None)
@@ -835,11 +838,7 @@ class Warden:
                 self.stop()
                 self._epoll.close()
                 self._epoll = None
-                signal.set_wakeup_fd(old_wakeup)
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-                os.close(read_end)
-                os.close(write_end)
+                restore_signals()
                 raise DaemonError(f"cannot serve the control socket: {e}") from None
             self._register(self._control.fileno(), select.EPOLLIN, self._control)
             self._say(f"serving the control socket at {self.control_socket}")
@@ -869,11 +868,7 @@ class Warden:
             self._epoll.close()
             self._epoll = None
             self._fds.clear()
-            signal.set_wakeup_fd(old_wakeup)
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            os.close(read_end)
-            os.close(write_end)
+            restore_signals()
         return self._exit_code
 
     def _dispatch(self, fd: int, events: int, read_end: int) -> None:
