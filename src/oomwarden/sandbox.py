@@ -234,16 +234,11 @@ class V2Factory:
         """Kill what was started here, empty and remove every child (deepest
         first); RuntimeError naming what could not be removed."""
         procs = [h.proc for c in self.children for h in c.hogs] + self.sleepers
-        for proc in procs:
+        for proc in procs:  # all at once, then each reaped
             if proc.poll() is None:
                 proc.kill()
         for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    with contextlib.suppress(OSError):
-                        stream.close()
+            _stop(proc)
         left: list[str] = []
         for child in sorted(self.children, key=lambda c: -len(c.path.parts)):
             with contextlib.suppress(OSError):
