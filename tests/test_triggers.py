@@ -73,19 +73,23 @@ def test_vmpressure_critical_fires_at_the_limit(memcg_factory: MemcgFactory,
     assert "memory.pressure_level critical" in str(record["event_detail"])
 
 
+def cold_file(path: Path, mib: int) -> Path:
+    """``mib`` MiB written to ``path``, on disk and out of the page cache: a
+    reader's page cache is charged to its own memcg."""
+    with open(path, "wb") as f:
+        f.write(os.urandom(MiB) * mib)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return path
+
+
 def test_margin_kills_before_the_limit_and_ignores_page_cache(
         memcg_factory: MemcgFactory, tmp_path: Path) -> None:
     """Page cache filling the cgroup up to its limit is no reason to kill (the
     working set stays small); a process whose own memory crosses the margin is."""
     cg = memcg_factory.create(limit_bytes=128 * MiB)
-    data = tmp_path / "cache.bin"
-    with open(data, "wb") as f:
-        f.write(os.urandom(MiB) * 200)
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(data, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    data = cold_file(tmp_path / "cache.bin", 200)
     warden = Warden(watch_config(tmp_path, cg, '["margin"]', "margin_percent = 20"))
     reader = None
     try:
@@ -216,14 +220,7 @@ def test_psi_of_the_cgroup2_twin(twin: tuple[ChildMemcg, Path], tmp_path: Path) 
     in reclaim; being in the twin too, its stalls show in the twin's
     memory.pressure, and the warden's PSI trigger there fires."""
     cg, twin_dir = twin
-    data = tmp_path / "big.bin"
-    with open(data, "wb") as f:
-        f.write(os.urandom(MiB) * 160)
-        f.flush()
-        os.fsync(f.fileno())
-    fd = os.open(data, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
+    data = cold_file(tmp_path / "big.bin", 160)
     warden = Warden(watch_config(tmp_path, cg, '["pressure"]',
                                  "[watch.pressure]\nsome_avg10 = 0.25\nwindow_s = 2"))
     reader = None
