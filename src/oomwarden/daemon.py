@@ -80,7 +80,7 @@ from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, decide
 from oomwarden.policy.engine import cgroup_domain, system_domain
-from oomwarden.policy.history import History
+from oomwarden.policy.history import HISTORY_S, History, history_for
 from oomwarden.queues import CgroupEntry, ProcessEntry, VictimQueue
 from oomwarden.sources import bpf as bpf_source
 from oomwarden.sources.cgroupfs import find_hierarchies
@@ -141,8 +141,7 @@ WATCHDOG_ARM_S = 10.0
 _libc = ctypes.CDLL(None, use_errno=True)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-#: Growth policies: a snapshot every second, the last few kept.
-HISTORY_S = 1.0
+#: Growth policies: a snapshot every HISTORY_S, the last few kept.
 HISTORY_KEPT = 3
 #: The threshold checks: at least this far apart, and the memory fill rate
 #: earlyoom assumes when it spaces its checks (bytes per second).
@@ -1333,10 +1332,8 @@ class Warden:
         """The newest kept snapshot at least HISTORY_S older than ``now``."""
         if not policy.needs_history:
             return None
-        for old in reversed(self._history):
-            if now.taken_ns - old.taken_ns >= HISTORY_S * 1e9:
-                return History(old)
-        return History(self._history[0]) if self._history else None
+        old = history_for(now, self._history)
+        return None if old is None else History(old)
 
     def _check_threshold(self, t: _System) -> None:
         """earlyoom's rule: both MemAvailable and SwapFree at or below a level.

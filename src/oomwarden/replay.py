@@ -34,7 +34,6 @@ from typing import Any
 
 from oomwarden.config import Pressure as PressureLevels
 from oomwarden.config import Threshold
-from oomwarden.daemon import HISTORY_S
 from oomwarden.decision import Decision, Domain, action_to_json
 from oomwarden.domains import resolve_cgroup
 from oomwarden.errors import CgroupNotFound, OomwardenError
@@ -43,7 +42,7 @@ from oomwarden.policy.api import Event, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import DEFAULT_BUDGET_S, Guard, decide, no_guard
 from oomwarden.policy.engine import cgroup_domain, system_domain
-from oomwarden.policy.history import History
+from oomwarden.policy.history import History, history_index
 from oomwarden.trace import TraceRecord
 
 #: Default margin for the ``margin`` trigger, percent of the limit.
@@ -334,20 +333,6 @@ class _Kept:
     history: Snapshot | None
 
 
-def history_for(now: Snapshot, earlier: Sequence[Snapshot]) -> Snapshot | None:
-    """The daemon's rule: the newest earlier snapshot at least HISTORY_S
-    older than ``now``; else the oldest there is."""
-    return earlier[_history_index(now, earlier)] if earlier else None
-
-
-def _history_index(now: Snapshot, earlier: Sequence[Snapshot]) -> int:
-    """Where :func:`history_for` finds its snapshot in ``earlier`` (0 if none)."""
-    for i in range(len(earlier) - 1, -1, -1):
-        if now.taken_ns - earlier[i].taken_ns >= HISTORY_S * 1e9:
-            return i
-    return 0
-
-
 def replay(records: Iterable[TraceRecord], policies: Sequence[PolicyRun], *,
            triggers: Triggers = Triggers(), every: bool = False,
            cgroup: str | None = None, recorded: tuple[str, str] | None = None,
@@ -366,7 +351,7 @@ def replay(records: Iterable[TraceRecord], policies: Sequence[PolicyRun], *,
         snap = rec.snapshot
         if target is None and (cgroup is not None or recorded is not None):
             target = _target(snap, cgroup, recorded)
-        at = _history_index(snap, earlier)
+        at = history_index(snap, earlier)
         hist = earlier[at] if earlier else None
         fires = fired(rec.index, snap, None if last is None else last.record.snapshot,
                       triggers, system=target is None and recorded is None,

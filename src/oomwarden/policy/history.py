@@ -17,6 +17,24 @@ from oomwarden.model import Snapshot, Task
 
 Identity = tuple[int, int]
 
+#: Growth policies compare with a snapshot at least this old (the daemon
+#: keeps one every HISTORY_S; replay applies the same rule to a trace).
+HISTORY_S = 1.0
+
+
+def history_index(now: Snapshot, earlier: Sequence[Snapshot]) -> int:
+    """Where :func:`history_for` finds its snapshot in ``earlier`` (0 if none)."""
+    for i in range(len(earlier) - 1, -1, -1):
+        if now.taken_ns - earlier[i].taken_ns >= HISTORY_S * 1e9:
+            return i
+    return 0
+
+
+def history_for(now: Snapshot, earlier: Sequence[Snapshot]) -> Snapshot | None:
+    """The newest of ``earlier`` (oldest first) at least HISTORY_S older than
+    ``now``; else the oldest there is; None without any."""
+    return earlier[history_index(now, earlier)] if earlier else None
+
 
 def _memory_bytes(task: Task) -> int | None:
     rss = task.rss
