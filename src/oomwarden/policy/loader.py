@@ -49,6 +49,7 @@ from oomwarden.errors import PolicyError
 from oomwarden.policy.api import VICTIM_KINDS, Evaluate, Handle, Policy
 from oomwarden.policy.budget import signal_guard
 from oomwarden.policy.decide import PolicyOverrun
+from oomwarden.textfile import printable
 
 HOOKS = ("evaluate", "handle")
 #: What each hook is called with, for messages.
@@ -79,18 +80,13 @@ def load_module(
     """
     if check_owner is None:
         check_owner = os.geteuid() == 0
-    where = _show(path)
+    where = printable(path)
     source = _read_checked(path, where, check_owner)
     module = _run(path, where, source, import_timeout_s)
     return _policy_from(module, path, where)
 
 
 # -- the file ----------------------------------------------------------------------
-
-
-def _show(path: str) -> str:
-    """The path as the user wrote it, on one printable line."""
-    return path if path.isprintable() else repr(path)[1:-1]
 
 
 def _one_line(text: str) -> str:
@@ -166,13 +162,13 @@ def _check_dir_owner(where: str, directory: str) -> None:
     try:
         st = os.stat(directory)
     except OSError as e:
-        _fail(f"policy file {where}: its directory {_show(directory)} cannot be read: "
+        _fail(f"policy file {where}: its directory {printable(directory)} cannot be read: "
               f"{e.strerror or e}")
     if st.st_uid != 0:
-        _fail(f"policy file {where} is in {_show(directory)}, owned by uid {st.st_uid}, not "
+        _fail(f"policy file {where} is in {printable(directory)}, owned by uid {st.st_uid}, not "
               "root: loaded as root, a policy file's directory must be owned by root")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        _fail(f"policy file {where} is in {_show(directory)}, writable by "
+        _fail(f"policy file {where} is in {printable(directory)}, writable by "
               f"{_writers(st.st_mode)} (mode {stat.S_IMODE(st.st_mode):04o}): loaded as "
               "root, a policy file's directory must be writable by root only (or sticky)")
 
