@@ -47,7 +47,7 @@ from oomwarden.errors import OomwardenError, ParseError
 from oomwarden.model import HierarchyKind
 from oomwarden.policy.api import Action, DeleteFiles, KillCgroup, KillProcess, RunHook
 from oomwarden.sources.cgroupfs import find_hierarchies
-from oomwarden.sources.fsmagic import TMPFS_MAGIC, is_cgroup_fs
+from oomwarden.sources.fsmagic import TMPFS_MAGIC, fd_magic, is_cgroup_fs
 from oomwarden.sources.parse import (
     parse_mountinfo,
     parse_oom_score_adj,
@@ -69,10 +69,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
-class _StatFs(ctypes.Structure):
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
-
-
 def process_mrelease(pidfd: int) -> str:
     """Free a killed process's memory now. Returns "released", "gone" (ESRCH:
     the exit already freed it, which is success) or why it could not."""
@@ -85,14 +81,6 @@ def process_mrelease(pidfd: int) -> str:
     if err == errno.ESRCH:
         return "gone"
     return os.strerror(err)
-
-
-def fstatfs_magic(fd: int) -> int:
-    buf = _StatFs()
-    if _libc.fstatfs(ctypes.c_int(fd), ctypes.byref(buf)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return int(buf.f_type) & 0xFFFFFFFF
 
 
 def _ordinary_oom_score() -> None:
@@ -616,7 +604,7 @@ class Executor:
                 refused.append(f"{path}: {e.strerror}")
                 continue
             try:
-                if fstatfs_magic(dfd) != TMPFS_MAGIC:
+                if fd_magic(dfd) != TMPFS_MAGIC:
                     refused.append(f"{path}: not on a tmpfs")
                     continue
                 info = os.stat(name, dir_fd=dfd, follow_symlinks=False)

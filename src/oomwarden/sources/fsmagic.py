@@ -28,6 +28,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _statfs = _libc.statfs
 _statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_StatFs)]
 _statfs.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_StatFs)]
+_fstatfs.restype = ctypes.c_int
 
 
 def fs_magic(path: str | os.PathLike[str]) -> int:
@@ -36,6 +39,16 @@ def fs_magic(path: str | os.PathLike[str]) -> int:
     if _statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fspath(path))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def fd_magic(fd: int) -> int:
+    """The ``f_type`` of the filesystem holding the open ``fd`` (fstatfs: no
+    path to swap between check and use); raises OSError."""
+    buf = _StatFs()
+    if _fstatfs(fd, ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
     return int(buf.f_type) & 0xFFFFFFFF
 
 
