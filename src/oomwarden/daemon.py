@@ -73,7 +73,7 @@ from oomwarden.control_handler import WardenControl
 from oomwarden.decision import Decision, Domain
 from oomwarden.domains import memory_hierarchy, mount_relative, resolve_cgroup, within
 from oomwarden.errors import BpfError, ConfigError, ControlError, OomwardenError
-from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot, SystemMemory
+from oomwarden.model import Cgroup, HierarchyKind, OomControl, Snapshot
 from oomwarden.observer import ObservedKill, ObserverSource
 from oomwarden.observer import open_source as open_observer
 from oomwarden.policy.api import Action, Event, KillCgroup, KillProcess, Policy
@@ -1299,8 +1299,8 @@ class Warden:
                 memory = read_system()
             except OomwardenError:
                 return True
-            _, mem_pct, swap_pct = _threshold_figures(memory)
-            return threshold.level(mem_pct, swap_pct) is not None
+            return threshold.level(memory.available_percent,
+                                   memory.swap_free_percent) is not None
         for src in owner.sources:
             if isinstance(src, MarginSource | V2MarginSource) or (
                     isinstance(src, EventsSource) and src.fires):
@@ -1348,9 +1348,10 @@ class Warden:
             self._say(f"cannot read memory: {e}")
             t.next_check = now + IDLE_S
             return
-        available, mem_pct, swap_pct = _threshold_figures(memory)
+        mem_pct, swap_pct = memory.available_percent, memory.swap_free_percent
         level = threshold.level(mem_pct, swap_pct)
-        headroom = available - memory.mem_total * threshold.mem_available_percent / 100
+        headroom = ((memory.mem_available or 0)
+                    - memory.mem_total * threshold.mem_available_percent / 100)
         t.next_check = now + min(IDLE_S, max(THRESHOLD_MIN_S, headroom / FILL_RATE))
         if level is None:
             return
@@ -1692,15 +1693,6 @@ def _available() -> int | None:
         return read_system().mem_available
     except OomwardenError:
         return None
-
-
-def _threshold_figures(memory: SystemMemory) -> tuple[int, float, float | None]:
-    """What the threshold compares: MemAvailable (0 where unknown), and
-    MemAvailable and SwapFree in percent of MemTotal and SwapTotal (None:
-    no swap)."""
-    available = memory.mem_available if memory.mem_available is not None else 0
-    swap_pct = None if memory.swap_total == 0 else 100.0 * memory.swap_free / memory.swap_total
-    return available, 100.0 * available / max(1, memory.mem_total), swap_pct
 
 
 def _cgroup2_twin(path: str) -> str | None:

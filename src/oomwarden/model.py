@@ -70,6 +70,16 @@ class SystemMemory:
         """``totalram_pages() + total_swap_pages``: the system OOM domain's size."""
         return self.mem_total // self.page_size + self.swap_total // self.page_size
 
+    @property
+    def available_percent(self) -> float:
+        """MemAvailable in percent of MemTotal (unknown MemAvailable counts as 0)."""
+        return 100.0 * (self.mem_available or 0) / max(1, self.mem_total)
+
+    @property
+    def swap_free_percent(self) -> float | None:
+        """SwapFree in percent of SwapTotal; None without swap."""
+        return None if self.swap_total == 0 else 100.0 * self.swap_free / self.swap_total
+
 
 class HierarchyKind(StrEnum):
     V1 = "v1"

@@ -264,8 +264,7 @@ def fired(index: int, snapshot: Snapshot, previous: Snapshot | None, triggers: T
     out: list[Fired] = []
     mem = snapshot.system
     if system and triggers.threshold is not None and mem.mem_available is not None:
-        avail = 100.0 * mem.mem_available / max(1, mem.mem_total)
-        swap = None if mem.swap_total == 0 else 100.0 * mem.swap_free / mem.swap_total
+        avail, swap = mem.available_percent, mem.swap_free_percent
         level = triggers.threshold.level(avail, swap)
         if level is not None:
             out.append(Fired(index, None, "threshold",
