@@ -22,10 +22,8 @@ comparison (it is counted, and most of the tasks must be stable).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -573,34 +571,30 @@ def test_explain_source_bpf(iterator: bpf.TaskIterator) -> None:
 @pytest.mark.kernel
 def test_the_daemon_snapshots_from_bpf_and_says_so(
     iterator: bpf.TaskIterator, memcg_factory: MemcgFactory, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, sockdir: Path,
 ) -> None:
     """``oomwarden run`` takes its snapshots from BPF where it loads, and its
     status says which source it uses; with the object missing it says, in
     one line at start, why it uses procfs."""
     cg = memcg_factory.create(64 << 20)
-    sockdir = tempfile.mkdtemp(prefix="ow-", dir="/tmp")
+    (tmp_path / "a").mkdir()
+    warden = LiveWarden(tmp_path / "a", cg, str(sockdir / "a.sock"))
     try:
-        (tmp_path / "a").mkdir()
-        warden = LiveWarden(tmp_path / "a", cg, os.path.join(sockdir, "a.sock"))
-        try:
-            body = warden.ask({"op": "status"})
-            assert body["bpf"]["snapshot"] == {
-                "in_use": True, "detail": "BPF task iterator (tasks.bpf.o)"}, body
-            assert "BPF snapshot source not used" not in warden.text()
-        finally:
-            assert warden.stop() == 0
-        missing = str(tmp_path / "missing.bpf.o")
-        monkeypatch.setenv(bpf.OBJECT_ENV, missing)
-        (tmp_path / "b").mkdir()
-        warden = LiveWarden(tmp_path / "b", cg, os.path.join(sockdir, "b.sock"))
-        try:
-            part = warden.ask({"op": "status"})["bpf"]["snapshot"]
-            assert part["in_use"] is False and missing in part["detail"], part
-            said = [line for line in warden.text().splitlines()
-                    if "BPF snapshot source not used" in line]
-            assert len(said) == 1 and missing in said[0] and "procfs" in said[0], said
-        finally:
-            assert warden.stop() == 0
+        body = warden.ask({"op": "status"})
+        assert body["bpf"]["snapshot"] == {
+            "in_use": True, "detail": "BPF task iterator (tasks.bpf.o)"}, body
+        assert "BPF snapshot source not used" not in warden.text()
     finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
+        assert warden.stop() == 0
+    missing = str(tmp_path / "missing.bpf.o")
+    monkeypatch.setenv(bpf.OBJECT_ENV, missing)
+    (tmp_path / "b").mkdir()
+    warden = LiveWarden(tmp_path / "b", cg, str(sockdir / "b.sock"))
+    try:
+        part = warden.ask({"op": "status"})["bpf"]["snapshot"]
+        assert part["in_use"] is False and missing in part["detail"], part
+        said = [line for line in warden.text().splitlines()
+                if "BPF snapshot source not used" in line]
+        assert len(said) == 1 and missing in said[0] and "procfs" in said[0], said
+    finally:
+        assert warden.stop() == 0

@@ -20,7 +20,6 @@ import os
 import shutil
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -289,15 +288,6 @@ def test_the_map_is_bounded_and_closes() -> None:
 
 
 # -- status ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    d = tempfile.mkdtemp(prefix="ow-", dir="/tmp")
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.kernel
