@@ -38,7 +38,6 @@ from oomwarden.sandbox import (
     MemcgFactory,
     own_v1_memcg_dir,
     start_warden,
-    stop_warden,
 )
 
 LIMIT_MIB = 128
@@ -146,7 +145,7 @@ def main() -> int:
                                 idle_cpu = cpu1 - cpu0
                         finally:
                             if warden is not None:
-                                stop_warden(warden)
+                                warden.stop()
                 finally:
                     os.close(efd)
                     os.close(control)

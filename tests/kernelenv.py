@@ -7,11 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ from oomwarden.sandbox import (
     own_v1_memcg_dir,
     remove_cgroup_dir,
 )
+from oomwarden.sandbox import WardenProcess as Warden
 from oomwarden.sources.fsmagic import is_cgroup_fs
 from oomwarden.sources.parse import parse_mountinfo, parse_proc_cgroup, v1_controllers
 
@@ -41,73 +37,6 @@ def need(condition: bool, why: str) -> None:
     if REQUIRE_KERNEL:
         pytest.fail(f"OOMWARDEN_REQUIRE_KERNEL=1 but {why}")
     pytest.skip(why)
-
-
-class Warden:
-    """``oomwarden run --config CONFIG`` as a subprocess, always to be
-    stopped: its state file beside the config, no control socket unless
-    ``extra`` names one (the last ``--socket`` wins). Its stderr goes to a
-    file of its own beside the config: nothing can block the daemon on a
-    full pipe, however much it logs, and no line can hide in a buffer."""
-
-    def __init__(self, config: Path, *extra: str, stop_s: float = 10.0,
-                 kill_s: float = 5.0) -> None:
-        self.config = config
-        self.state_file = config.parent / "paused.json"
-        self.stop_s, self.kill_s = stop_s, kill_s
-        fd, err = tempfile.mkstemp(prefix="warden-", suffix=".err", dir=config.parent)
-        self.err = Path(err)
-        self._seen = 0
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
-                 "--state-file", str(self.state_file), "--socket", "none", *extra],
-                stdin=subprocess.DEVNULL, stderr=fd)
-        finally:
-            os.close(fd)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        """Everything the warden wrote to stderr so far."""
-        return self.err.read_bytes().decode(errors="replace")
-
-    @property
-    def lines(self) -> list[str]:
-        """Every whole line the warden wrote to stderr so far."""
-        return self.text().split("\n")[:-1]
-
-    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
-        """The next line holding ``needle``, after the lines that earlier
-        waits went through; AssertionError once the warden has exited
-        without it, or after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            exited = self.proc.poll() is not None  # before the read: its last line is in
-            lines = self.lines
-            for i in range(self._seen, len(lines)):
-                if needle in lines[i]:
-                    self._seen = i + 1
-                    return lines[i]
-            self._seen = len(lines)
-            if exited or time.monotonic() > deadline:
-                why = "it exited" if exited else f"not within {timeout:g} s"
-                raise AssertionError(f"no {needle!r} from the warden ({why}):\n"
-                                     + "\n".join(lines))
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        """SIGTERM and its exit status; SIGKILL if it is not gone in ``stop_s``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=self.stop_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=self.kill_s)
 
 
 def decisions(log_dir: Path) -> list[dict[str, object]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +38,10 @@ from oomwarden.sandbox import (
     Hog,
     MemcgFactory,
     V2Factory,
+    WardenProcess,
     own_v1_memcg_dir,
     own_v2_cgroup_dir,
     start_warden,
-    stop_warden,
 )
 from oomwarden.sources.cgroupfs import find_hierarchies
 
@@ -69,7 +68,7 @@ def _confined(console: Console) -> int:
         return 0
     factory: MemcgFactory | V2Factory = (V2Factory(parent, prefix="oomwarden-demo") if v2
                                          else MemcgFactory(parent, prefix="oomwarden-demo"))
-    warden: subprocess.Popen[bytes] | None = None
+    warden: WardenProcess | None = None
     with tempfile.TemporaryDirectory(prefix="oomwarden-demo-") as tmp:
         try:
             cg: ChildMemcg = (factory.create(LIMIT_MIB * MiB) if isinstance(factory, V2Factory)
@@ -93,7 +92,7 @@ def _confined(console: Console) -> int:
             return _report(console, log, database, leaker, dead)
         finally:
             if warden is not None:
-                stop_warden(warden)
+                warden.stop()
             factory.cleanup()
             console.print("removed the demo cgroup, its processes and the warden")
 

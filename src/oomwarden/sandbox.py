@@ -14,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -289,51 +290,91 @@ def _mount_of(path: Path) -> Path:
     raise RuntimeError("no v1 memory hierarchy")
 
 
+class LineNotSeen(AssertionError):
+    """The warden exited, or the time ran out, before the line waited for."""
+
+
+class WardenProcess:
+    """``oomwarden run --config CONFIG`` as a subprocess, always to be
+    stopped: its state file beside the config, no control socket unless
+    ``extra`` names one (the last ``--socket`` wins). Its stderr goes to a
+    file of its own beside the config: nothing can block the daemon on a
+    full pipe, however much it logs, and no line can hide in a buffer."""
+
+    def __init__(self, config: Path, *extra: str, stop_s: float = 10.0,
+                 kill_s: float = 5.0) -> None:
+        self.config = config
+        self.state_file = config.parent / "paused.json"
+        self.stop_s, self.kill_s = stop_s, kill_s
+        fd, err = tempfile.mkstemp(prefix="warden-", suffix=".err", dir=config.parent)
+        self.err = Path(err)
+        self._seen = 0
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oomwarden.cli", "run", "--config", str(config),
+                 "--state-file", str(self.state_file), "--socket", "none", *extra],
+                stdin=subprocess.DEVNULL, stderr=fd)
+        finally:
+            os.close(fd)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        """Everything the warden wrote to stderr so far."""
+        return self.err.read_bytes().decode(errors="replace")
+
+    @property
+    def lines(self) -> list[str]:
+        """Every whole line the warden wrote to stderr so far."""
+        return self.text().split("\n")[:-1]
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> str:
+        """The next line holding ``needle``, after the lines that earlier
+        waits went through; :class:`LineNotSeen` once the warden has exited
+        without it, or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None  # before the read: its last line is in
+            lines = self.lines
+            for i in range(self._seen, len(lines)):
+                if needle in lines[i]:
+                    self._seen = i + 1
+                    return lines[i]
+            self._seen = len(lines)
+            if exited or time.monotonic() > deadline:
+                why = "it exited" if exited else f"not within {timeout:g} s"
+                raise LineNotSeen(f"no {needle!r} from the warden ({why}):\n"
+                                  + "\n".join(lines))
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        """SIGTERM and its exit status; SIGKILL if it is not gone in ``stop_s``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=self.stop_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=self.kill_s)
+
+
 def start_warden(cg: ChildMemcg, workdir: str, policy: str = "kernel",
-                 timeout: float = 30.0, extra: str = "") -> subprocess.Popen[bytes]:
+                 timeout: float = 30.0, extra: str = "") -> WardenProcess:
     """``oomwarden run`` on ``cg`` (trigger ``oom``, plus the watch keys in
     ``extra``), its config and decision log in ``workdir``; returns once it
-    says it is watching."""
-    config = os.path.join(workdir, "oomwarden.toml")
-    with open(config, "w") as f:
-        f.write(f'decision_log = "{workdir}/decisions.jsonl"\n\n[[watch]]\n'
-                f'domain = "cgroup:{cg.hierarchy_path}"\ntriggers = ["oom"]\n'
-                f'policy = "{policy}"\n{extra}\n')
-    os.chmod(config, 0o644)
-    proc = subprocess.Popen([sys.executable, "-m", "oomwarden.cli", "run", "--config", config,
-                             "--state-file", os.path.join(workdir, "paused.json"),
-                             "--socket", "none"],
-                            stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    if not wait_for_line(proc.stderr.fileno(), "watching", timeout):
-        stop_warden(proc)
-        raise RuntimeError("the warden did not start")
-    return proc
-
-
-def wait_for_line(fd: int, needle: str, timeout: float) -> bool:
-    """Read a raw pipe (no line can hide in a buffer) until ``needle``."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return False
-            seen += chunk
-            if needle.encode() in seen:
-                return True
-    return False
-
-
-def stop_warden(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, a bounded wait, SIGKILL if need be."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    says it is watching (stop it with ``.stop()``)."""
+    config = Path(workdir) / "oomwarden.toml"
+    config.write_text(f'decision_log = "{workdir}/decisions.jsonl"\n\n[[watch]]\n'
+                      f'domain = "cgroup:{cg.hierarchy_path}"\ntriggers = ["oom"]\n'
+                      f'policy = "{policy}"\n{extra}\n')
+    config.chmod(0o644)
+    warden = WardenProcess(config)
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-    if proc.stderr is not None:
-        proc.stderr.close()
+        warden.wait_for("watching", timeout)
+    except LineNotSeen:
+        warden.stop()
+        raise RuntimeError("the warden did not start") from None
+    return warden
